@@ -1,0 +1,55 @@
+"""The one error hierarchy.
+
+Errors about a single record know their dead-letter stage; the scorer turns them into dead letters
+and carries on. Every other error stops the process with a message that says why.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+DeadLetterStage = Literal["decode", "validate", "score"]
+
+
+class StreamerError(Exception):
+    """Base of every error the package raises on purpose."""
+
+
+class ConfigError(StreamerError):
+    """The configuration is invalid; raised before anything touches Kafka."""
+
+
+class ModelRefusedError(StreamerError):
+    """The model artefact cannot be trusted or does not match its card; nothing is scored."""
+
+
+class DeliveryFailedError(StreamerError):
+    """The broker did not acknowledge a verdict or dead letter; the scorer must stop, not skip."""
+
+
+class KafkaFatalError(StreamerError):
+    """A Kafka client reported an error it cannot recover from."""
+
+
+class RecordError(StreamerError):
+    """A single record cannot be scored; it goes to the dead-letter topic with this reason."""
+
+    stage: ClassVar[DeadLetterStage]
+
+
+class DecodeError(RecordError):
+    """The value is not a Transaction in Avro binary (or is absent, or too large)."""
+
+    stage = "decode"
+
+
+class ValidationError(RecordError):
+    """The value decodes but breaks a domain rule (negative amount, unknown currency, no key...)."""
+
+    stage = "validate"
+
+
+class ScoreError(RecordError):
+    """The model could not score the record (a non-finite feature or score)."""
+
+    stage = "score"

@@ -1,0 +1,43 @@
+"""Kafka header names on verdicts and dead letters (values are UTF-8 text)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SOURCE_TOPIC: Final = "streamer.source.topic"
+SOURCE_PARTITION: Final = "streamer.source.partition"
+SOURCE_OFFSET: Final = "streamer.source.offset"
+SOURCE_TIMESTAMP: Final = "streamer.source.timestamp"
+"""The input record's Kafka timestamp, in ms (dead letters only)."""
+
+ERROR_STAGE: Final = "streamer.error.stage"
+"""decode, validate or score."""
+ERROR_REASON: Final = "streamer.error.reason"
+ERROR_CLASS: Final = "streamer.error.class"
+ERROR_CAUSE: Final = "streamer.error.cause"
+"""The underlying exception, `Class: message`, when there is one (dead letters only)."""
+CONSUMER_GROUP: Final = "streamer.consumer.group"
+
+Headers = list[tuple[str, str | bytes | None]]
+"""Headers as the Kafka client takes them."""
+
+
+def source_headers(topic: str, partition: int, offset: int) -> Headers:
+    """The three headers that name the input record an output was made from."""
+    return [
+        (SOURCE_TOPIC, topic.encode()),
+        (SOURCE_PARTITION, str(partition).encode()),
+        (SOURCE_OFFSET, str(offset).encode()),
+    ]
+
+
+def header_map(headers: Headers | dict[str, str | bytes | None] | None) -> dict[str, str]:
+    """Headers as a dict of text values (the last value wins for a repeated name)."""
+    found: dict[str, str] = {}
+    pairs = headers.items() if isinstance(headers, dict) else headers or ()
+    for key, value in pairs:
+        if isinstance(value, bytes):
+            found[key] = value.decode("utf-8", "replace")
+        elif isinstance(value, str):
+            found[key] = value
+    return found
