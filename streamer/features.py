@@ -1,0 +1,118 @@
+"""The one place that turns transaction events into the model's feature matrix.
+
+Training (`streamer.model.train`) and scoring (the app loop) both call `build_features`, so the
+model always sees the columns in the same order with the same encoding. The builder is
+stateless: every feature comes from the record itself (plus the card profile the upstream put in
+it), so a batch can be scored without looking anything up.
+
+Missing card enrichment (`card_country` or `card_avg_amount` is None) becomes NaN, which the
+gradient-boosted trees route down their learned missing-value branch instead of guessing a value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from streamer.events import CHANNELS
+
+MERCHANT_CATEGORIES: Final[tuple[str, ...]] = (
+    "grocery",
+    "restaurant",
+    "fuel",
+    "travel",
+    "electronics",
+    "jewelry",
+    "gift_cards",
+    "digital_goods",
+    "fashion",
+    "pharmacy",
+    "entertainment",
+    "crypto_exchange",
+    "cash_withdrawal",
+    "utilities",
+)
+"""The merchant categories the model knows, in code order. Append only: a code is an index here."""
+
+UNKNOWN_CATEGORY_CODE: Final = len(MERCHANT_CATEGORIES)
+"""Code of a merchant category not in `MERCHANT_CATEGORIES`.
+
+Live data may carry categories the model was never trained on; they must score, not crash. The
+code is never seen in training, and HistGradientBoosting treats unseen categories as missing.
+"""
+
+UNKNOWN_CHANNEL_CODE: Final = len(CHANNELS)
+"""Code of a channel not in `events.CHANNELS` (validation rejects those; this is a safety net)."""
+
+NIGHT_HOURS_END: Final = 6
+"""Hours 0 to 5 UTC count as night, when legitimate card use is rarest."""
+
+FEATURE_ORDER: Final[tuple[str, ...]] = (
+    "log_amount",
+    "amount_to_card_avg",
+    "is_foreign",
+    "card_present",
+    "channel",
+    "merchant_category",
+    "hour_of_day",
+    "is_night",
+)
+"""The columns of the feature matrix, in order. The model card records them; load checks them.
+
+- log_amount: log1p(amount), so the trees see spend on a relative scale.
+- amount_to_card_avg: amount / card_avg_amount; NaN when the card profile is unknown.
+- is_foreign: 1.0 when country != card_country, else 0.0; NaN when card_country is unknown.
+- card_present: 1.0 or 0.0.
+- channel: index in `events.CHANNELS`.
+- merchant_category: index in `MERCHANT_CATEGORIES`, `UNKNOWN_CATEGORY_CODE` otherwise.
+- hour_of_day: UTC hour of event_time, 0 to 23.
+- is_night: 1.0 for hours before `NIGHT_HOURS_END`, else 0.0.
+"""
+
+CATEGORICAL_FEATURES: Final[tuple[str, ...]] = ("channel", "merchant_category")
+"""The columns of `FEATURE_ORDER` that hold integer category codes, not quantities."""
+
+_MS_PER_HOUR: Final = 3_600_000
+_NAN: Final = math.nan
+_CHANNEL_CODES: Final[dict[str, float]] = {name: float(i) for i, name in enumerate(CHANNELS)}
+_CATEGORY_CODES: Final[dict[str, float]] = {
+    name: float(i) for i, name in enumerate(MERCHANT_CATEGORIES)
+}
+
+
+def build_features(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Build the float64 feature matrix, shape (len(records), len(FEATURE_ORDER)).
+
+    Records are decoded transaction dicts that passed `events.validate_transaction`, so every
+    field is present with the schema's type. Unknown categories and channels get their unknown
+    code; missing card enrichment gives NaN. An empty batch gives an empty (0, n) matrix.
+    """
+    # Hot path: one comprehension building a tuple per record, then one conversion to an array.
+    # Per-column passes or numpy scalar work per record cost several times more.
+    channel_codes = _CHANNEL_CODES
+    category_codes = _CATEGORY_CODES
+    rows = [
+        (
+            r["amount"],
+            r["card_avg_amount"],
+            _NAN if r["card_country"] is None else float(r["country"] != r["card_country"]),
+            float(r["card_present"]),
+            channel_codes.get(r["channel"], UNKNOWN_CHANNEL_CODE),
+            category_codes.get(r["merchant_category"], UNKNOWN_CATEGORY_CODE),
+            r["event_time"] // _MS_PER_HOUR % 24,
+        )
+        for r in records
+    ]
+    raw = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+    amount = raw[:, 0]
+    out = np.empty((len(rows), len(FEATURE_ORDER)), dtype=np.float64)
+    out[:, 0] = np.log1p(amount)
+    # card_avg_amount None becomes NaN in the float conversion, so the ratio is NaN too.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[:, 1] = amount / raw[:, 1]
+    out[:, 2:7] = raw[:, 2:7]
+    out[:, 7] = raw[:, 6] < NIGHT_HOURS_END
+    return out
