@@ -1,0 +1,386 @@
+"""The scoring loop: poll a batch → decode → validate → score → produce → store offsets.
+
+At-least-once, nothing lost: an input offset is stored for commit only when the verdict or dead
+letter of that record, and of every earlier record of its partition, has been acknowledged by
+the broker (see `kafka.delivery`). Librdkafka commits stored offsets every second; on partition
+revoke and on shutdown we flush the producer and commit synchronously. A failed delivery stops
+the scorer rather than skipping the record.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Final
+
+import numpy as np
+import structlog
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from streamer.errors import (
+    DecodeError,
+    DeliveryFailedError,
+    KafkaFatalError,
+    RecordError,
+    ScoreError,
+)
+from streamer.events import validate_transaction
+from streamer.features import build_features
+from streamer.headers import (
+    CONSUMER_GROUP,
+    ERROR_CAUSE,
+    ERROR_CLASS,
+    ERROR_REASON,
+    ERROR_STAGE,
+    SOURCE_TIMESTAMP,
+    source_headers,
+)
+from streamer.kafka.clients import (
+    ClientErrors,
+    KafkaMessage,
+    OutputProducer,
+    commit_positions,
+    create_consumer,
+    poll_batch,
+    store_positions,
+)
+from streamer.kafka.delivery import DeliveryTracker
+from streamer.model.scorer import Scorer
+from streamer.serde import decode_transaction, encode_verdict
+from streamer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+MAX_REASON_BYTES: Final = 1000
+JOIN_GRACE_SECONDS: Final = 60.0
+"""With `until_idle`, how long to wait for a first assignment before idleness counts: joining a
+group on a freshly started broker waits for its group coordinator to load."""
+SHUTDOWN_FLUSH_SECONDS: Final = 30.0
+"""How long a stop waits for outstanding acknowledgements before committing what is safe."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the scorer has done since it started."""
+
+    consumed: int = 0
+    verdicts: int = 0
+    dead_letters: int = 0
+    flagged: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "consumed": self.consumed,
+            "verdicts": self.verdicts,
+            "dead_letters": self.dead_letters,
+            "flagged": self.flagged,
+        }
+
+
+class ScoringApp:
+    """Consumes transactions and publishes one verdict or dead letter per record.
+
+    Build it with `ScoringApp.create(settings, scorer)`; `run()` blocks until `stop()` is called
+    (SIGINT/SIGTERM do that) or, with `until_idle`, until nothing arrived for that long.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        scorer: Scorer,
+        consumer: Consumer,
+        consumer_errors: ClientErrors,
+        producer: OutputProducer,
+    ) -> None:
+        self._settings = settings
+        self._scorer = scorer
+        self._consumer = consumer
+        self._consumer_errors = consumer_errors
+        self._producer = producer
+        self._tracker = DeliveryTracker()
+        self.counters = Counters()
+        self._stopping = False
+        self._output_topic = settings.output_topic
+        self._dlq_topic = settings.dlq_topic
+        self._group = settings.group_id.encode()
+        self._model_name = scorer.name
+        self._model_version = scorer.version
+        self._threshold = scorer.threshold
+        self._started = time.monotonic()
+        self._assigned_at: float | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
+        consumer_errors = ClientErrors("consumer")
+        consumer = create_consumer(settings.consumer_config(), consumer_errors)
+        producer = OutputProducer(settings.producer_config())
+        return cls(settings, scorer, consumer, consumer_errors, producer)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish its batch, flush, commit and return. Safe in a signal handler."""
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("stop requested", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def run(self, until_idle: float | None = None) -> Counters:
+        """Consume, score and publish until stopped; then flush, commit and close."""
+        settings = self._settings
+        self._consumer.subscribe(
+            [settings.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        started = last_record = time.monotonic()
+        self._started = started
+        next_progress = started + settings.progress_interval
+        last_counters = (started, 0)
+        try:
+            while not self._stopping:
+                messages = poll_batch(self._consumer, settings.batch_size, settings.poll_timeout)
+                self._consumer_errors.raise_if_fatal()
+                if messages:
+                    self.process(messages)
+                    last_record = time.monotonic()
+                self._producer.poll(0)
+                self._check_deliveries()
+                self._store_offsets()
+                now = time.monotonic()
+                if now >= next_progress:
+                    last_counters = self._log_progress(now, last_counters)
+                    next_progress = now + settings.progress_interval
+                if until_idle is not None and self._idle_for(until_idle, now, last_record):
+                    log.info("idle, stopping", idle_seconds=until_idle)
+                    break
+        except BaseException:
+            self._shutdown()
+            raise
+        self._shutdown()
+        self._check_deliveries()
+        return self.counters
+
+    def _idle_for(self, seconds: float, now: float, last_record: float) -> bool:
+        """Nothing consumed for `seconds` (nor assigned since) and nothing in flight."""
+        if self._assigned_at is None:
+            idle_since = self._started + JOIN_GRACE_SECONDS
+        else:
+            idle_since = max(last_record, self._assigned_at)
+        return now - idle_since >= seconds and self._tracker.in_flight() == 0
+
+    def _shutdown(self) -> None:
+        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
+        if remaining:
+            log.error(
+                "outputs not acknowledged at shutdown; their inputs stay uncommitted",
+                in_flight=remaining,
+            )
+        try:
+            self._commit_safe()
+        finally:
+            self._consumer.close()
+        log.info("scorer stopped", **self.counters.as_dict())
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def process(self, messages: Sequence[KafkaMessage]) -> None:
+        """Turn one polled batch into verdicts and dead letters (produced, not yet acknowledged)."""
+        max_bytes = self._settings.max_event_bytes
+        good_messages: list[KafkaMessage] = []
+        good_records: list[dict[str, Any]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_consumer_error(error)
+                continue
+            self.counters.consumed += 1
+            value = message.value()
+            try:
+                if value is None:
+                    raise DecodeError("tombstone: the record has no value")
+                if len(value) > max_bytes:
+                    raise DecodeError(
+                        f"value of {len(value)} bytes exceeds the limit of {max_bytes} bytes"
+                    )
+                record = decode_transaction(value)
+                validate_transaction(record, message.key())
+            except RecordError as exc:
+                self._dead_letter(message, exc)
+                continue
+            good_messages.append(message)
+            good_records.append(record)
+        if good_records:
+            self._score_and_publish(good_messages, good_records)
+
+    def _score_and_publish(
+        self, messages: list[KafkaMessage], records: list[dict[str, Any]]
+    ) -> None:
+        scores = self._score(records)
+        scored_at = time.time_ns() // 1_000_000
+        threshold = self._threshold
+        track = self._tracker.track
+        produce = self._producer.produce
+        output_topic = self._output_topic
+        flagged = 0
+        for message, record, score in zip(messages, records, scores.tolist(), strict=True):
+            if not 0.0 <= score <= 1.0:  # also catches NaN
+                self._dead_letter(message, ScoreError(f"model returned score {score!r}"))
+                continue
+            is_fraud = score >= threshold
+            flagged += is_fraud
+            topic, partition, offset = _source(message)
+            value = encode_verdict(
+                {
+                    "transaction_id": record["transaction_id"],
+                    "card_id": record["card_id"],
+                    "score": score,
+                    "is_fraud": is_fraud,
+                    "threshold": threshold,
+                    "model_name": self._model_name,
+                    "model_version": self._model_version,
+                    "event_time": record["event_time"],
+                    "scored_at": scored_at,
+                }
+            )
+            produce(
+                output_topic,
+                message.key(),
+                value,
+                source_headers(topic, partition, offset),
+                track(topic, partition, offset),
+            )
+            self.counters.verdicts += 1
+        self.counters.flagged += flagged
+
+    def _score(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Score the batch in one call; if the model fails, isolate the records it fails on."""
+        try:
+            return self._scorer.score(build_features(records))
+        except Exception as exc:  # the model is third-party code; a failure must not lose records
+            log.warning("batch scoring failed, scoring records one by one", error=repr(exc))
+        scores = np.empty(len(records))
+        for index, record in enumerate(records):
+            try:
+                scores[index] = self._scorer.score(build_features([record]))[0]
+            except Exception as exc:  # as above; NaN routes the record to the dead-letter topic
+                log.warning("record scoring failed", error=repr(exc))
+                scores[index] = np.nan
+        return scores
+
+    def _dead_letter(self, message: KafkaMessage, error: RecordError) -> None:
+        topic, partition, offset = _source(message)
+        reason = str(error).encode()[:MAX_REASON_BYTES]
+        headers = [
+            (ERROR_STAGE, error.stage.encode()),
+            (ERROR_REASON, reason),
+            (ERROR_CLASS, f"{type(error).__module__}.{type(error).__qualname__}".encode()),
+            *source_headers(topic, partition, offset),
+            (SOURCE_TIMESTAMP, str(message.timestamp()[1]).encode()),
+            (CONSUMER_GROUP, self._group),
+        ]
+        cause = error.__cause__
+        if cause is not None:
+            headers.append((ERROR_CAUSE, f"{type(cause).__qualname__}: {cause}".encode()[:500]))
+        log.warning(
+            "dead letter",
+            stage=error.stage,
+            reason=str(error)[:200],
+            topic=topic,
+            partition=partition,
+            offset=offset,
+        )
+        self._producer.produce(
+            self._dlq_topic,
+            message.key(),
+            message.value(),
+            headers,
+            self._tracker.track(topic, partition, offset),
+        )
+        self.counters.dead_letters += 1
+
+    # -- offsets and errors ----------------------------------------------------------------------
+
+    def _check_deliveries(self) -> None:
+        self._producer.errors.raise_if_fatal()
+        failures = self._tracker.failures
+        if failures:
+            first = failures[0]
+            raise DeliveryFailedError(
+                f"output for {first.topic}[{first.partition}]@{first.offset} was not delivered: "
+                f"{first.error.str()} ({len(failures)} failed); offsets stay uncommitted from there"
+            )
+
+    def _store_offsets(self) -> None:
+        store_positions(self._consumer, self._tracker.take_advanced())
+
+    def _commit_safe(self, partitions: Sequence[TopicPartition] = ()) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions] if partitions else None
+        positions = self._tracker.positions(keys)
+        commit_positions(self._consumer, positions)
+        if positions:
+            log.debug("committed", positions=positions)
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_at = time.monotonic()
+        log.info(
+            "partitions assigned", partitions=[f"{p.topic}[{p.partition}]" for p in partitions]
+        )
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Runs inside consume() on the main thread. Wait for the outputs of the records we read
+        # from these partitions, then commit what is safe so the next owner starts after them.
+        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
+        if remaining:
+            log.error(
+                "outputs not acknowledged at revoke; the next owner will redo them",
+                in_flight=remaining,
+            )
+        try:
+            self._commit_safe(partitions)
+        except Exception as exc:  # never raise inside a librdkafka callback
+            log.error("commit at revoke failed", error=repr(exc))
+        self._tracker.forget((p.topic, p.partition) for p in partitions)
+        log.info("partitions revoked", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The group moved on without us: another member owns these now; committing would be wrong.
+        self._tracker.forget((p.topic, p.partition) for p in partitions)
+        log.warning("partitions lost", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
+
+    def _on_consumer_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            raise KafkaFatalError(f"consumer: {error.str()}")
+        log.warning("consumer error", error=error.str(), code=error.name())
+
+    def _log_progress(self, now: float, last: tuple[float, int]) -> tuple[float, int]:
+        since, consumed_before = last
+        counters = self.counters
+        rate = (counters.consumed - consumed_before) / max(now - since, 1e-9)
+        scored = counters.verdicts
+        log.info(
+            "progress",
+            events_per_second=round(rate, 1),
+            fraud_rate=round(counters.flagged / scored, 4) if scored else 0.0,
+            in_flight=self._tracker.in_flight(),
+            **counters.as_dict(),
+        )
+        return now, counters.consumed
+
+
+def _source(message: KafkaMessage) -> tuple[str, int, int]:
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None
+    assert partition is not None
+    assert offset is not None
+    return topic, partition, offset

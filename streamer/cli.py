@@ -1,0 +1,263 @@
+"""The `streamer` command: parse flags, build Settings once, call one function per command.
+
+Exit status: 0 success, 1 a runtime failure (Kafka, delivery), 2 bad usage or configuration,
+3 a refused model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from confluent_kafka import KafkaException
+
+from streamer import __version__
+from streamer.errors import ConfigError, ModelRefusedError, StreamerError
+from streamer.logging import configure_logging
+from streamer.settings import Settings, load_settings
+
+log = structlog.get_logger("streamer.cli")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_MODEL_REFUSED = 3
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (overrides STREAMER_* variables)")
+    group.add_argument("--bootstrap-servers", help="Kafka bootstrap servers")
+    group.add_argument("--input-topic", help="transaction events in")
+    group.add_argument("--output-topic", help="verdicts out")
+    group.add_argument("--dlq-topic", help="dead letters")
+    group.add_argument("--log-format", choices=["console", "json"])
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamer",
+        description="Kafka card transactions in, fraud verdicts out.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="consume, score and publish until stopped")
+    _add_common(run)
+    run.add_argument("--group-id", help="consumer group")
+    run.add_argument("--model-path", type=Path, help="model artefact")
+    run.add_argument("--threshold", type=float, help="score at or above which is_fraud is true")
+    run.add_argument("--processing-guarantee", choices=["at-least-once", "exactly-once"])
+    run.add_argument("--batch-size", type=_positive_int, help="most records per poll")
+    run.add_argument(
+        "--until-idle",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="exit 0 after this long with nothing to consume",
+    )
+
+    train = commands.add_parser("train", help="fit the model and write its artefact and card")
+    train.add_argument("--model-path", type=Path, help="where to write the artefact")
+    train.add_argument("--seed", type=int, default=None, help="training data seed (default 7)")
+    train.add_argument("--size", type=_positive_int, default=None, help="training set size")
+    train.add_argument("--if-missing", action="store_true", help="do nothing if a model exists")
+    train.add_argument("--log-format", choices=["console", "json"])
+    train.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    produce = commands.add_parser("produce", help="publish synthetic transactions")
+    _add_common(produce)
+    produce.add_argument("--count", type=_positive_int, default=10_000)
+    produce.add_argument(
+        "--rate", type=_non_negative_float, default=0.0, help="events/s (0: as fast as possible)"
+    )
+    produce.add_argument("--seed", type=int, default=None, help="default: a random seed")
+
+    tail = commands.add_parser("tail", help="print verdicts as they arrive")
+    _add_common(tail)
+    tail.add_argument("--count", type=_positive_int, help="stop after this many")
+    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--format", choices=["json", "table"], default="table", dest="output_format")
+
+    topics = commands.add_parser("topics", help="manage the topics")
+    topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = topic_commands.add_parser("create", help="create input, output and DLQ if missing")
+    _add_common(create)
+    create.add_argument("--partitions", type=_positive_int, default=3)
+    create.add_argument("--replication-factor", type=int, default=-1)
+
+    demo = commands.add_parser(
+        "demo", help="train if needed, stream synthetic events through a scorer, print a summary"
+    )
+    _add_common(demo)
+    demo.add_argument("--count", type=_positive_int, default=20_000, help="events in the burst")
+    demo.add_argument(
+        "--latency-rate", type=_non_negative_float, default=2_000.0, help="events/s when pacing"
+    )
+    demo.add_argument("--latency-count", type=_positive_int, default=6_000)
+    demo.add_argument("--model-path", type=Path)
+    return parser
+
+
+_SETTING_FLAGS = (
+    "bootstrap_servers",
+    "input_topic",
+    "output_topic",
+    "dlq_topic",
+    "log_format",
+    "log_level",
+    "group_id",
+    "model_path",
+    "threshold",
+    "processing_guarantee",
+    "batch_size",
+)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    return load_settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        # Logging is not configured yet (its own settings may be the bad ones): plain stderr.
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level)
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(settings, args)
+    except ConfigError as exc:
+        log.error("invalid configuration", error=str(exc))
+        return EXIT_USAGE
+    except ModelRefusedError as exc:
+        log.error("model refused", error=str(exc))
+        return EXIT_MODEL_REFUSED
+    except StreamerError as exc:
+        log.error("stopped", error=str(exc), error_class=type(exc).__name__)
+        return EXIT_FAILURE
+    except KafkaException as exc:
+        log.error("kafka error", error=str(exc.args[0] if exc.args else exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.app import ScoringApp
+    from streamer.model.scorer import Scorer
+
+    if settings.processing_guarantee == "exactly-once":
+        raise ConfigError(
+            "STREAMER_PROCESSING_GUARANTEE: exactly-once is not available in this version; "
+            "use at-least-once"
+        )
+    # The model is loaded and verified before any Kafka client exists: a refused model
+    # consumes nothing and commits nothing.
+    scorer = Scorer.from_path(settings.model_path, settings.threshold)
+    log.info(
+        "scorer starting",
+        config=settings.loggable(),
+        model_name=scorer.name,
+        model_version=scorer.version,
+        model_sha256=scorer.sha256,
+        threshold=scorer.threshold,
+    )
+    app = ScoringApp.create(settings, scorer)
+    app.install_signal_handlers()
+    app.run(until_idle=args.until_idle)
+    return 0
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.model.train import DEFAULT_SEED, DEFAULT_TRAINING_SIZE, train_model
+
+    path: Path = settings.model_path
+    if args.if_missing and path.exists():
+        log.info("model exists, not training", model_path=str(path))
+        return 0
+    card = train_model(
+        path,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
+        size=args.size or DEFAULT_TRAINING_SIZE,
+    )
+    print(f"wrote {path} ({card.name} {card.version}, threshold {card.threshold:.4f})")
+    for name, value in card.metrics.items():
+        print(f"  {name:<20} {value:.4f}")
+    return 0
+
+
+def _produce(settings: Settings, args: argparse.Namespace) -> int:
+    import secrets
+
+    from streamer.tools.produce import produce_synthetic
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    produce_synthetic(settings, count=args.count, rate=args.rate or None, seed=seed)
+    return 0
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.tools.tail import tail
+
+    tail(
+        settings,
+        count=args.count,
+        from_beginning=args.from_beginning,
+        output_format=args.output_format,
+    )
+    return 0
+
+
+def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.kafka.admin import ensure_topics
+
+    results = ensure_topics(
+        settings.admin_config(),
+        [settings.input_topic, settings.output_topic, settings.dlq_topic],
+        partitions=args.partitions,
+        replication_factor=args.replication_factor,
+    )
+    for result in results:
+        print(f"{result.name}: {'created' if result.created else 'exists'}")
+    return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.tools.demo import run_demo
+
+    return run_demo(
+        settings,
+        burst_count=args.count,
+        latency_rate=args.latency_rate,
+        latency_count=args.latency_count,
+    )
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": _run,
+    "train": _train,
+    "produce": _produce,
+    "tail": _tail,
+    "topics": _topics,
+    "demo": _demo,
+}

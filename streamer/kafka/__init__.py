@@ -1,0 +1,1 @@
+"""The thin Kafka layer: clients built from Settings, delivery tracking, topics. Knows no fraud."""

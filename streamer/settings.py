@@ -1,0 +1,234 @@
+"""Configuration: one frozen object, read once from the environment (prefix `STREAMER_`).
+
+This is the only module that reads `os.environ`, and the only one that builds librdkafka
+configuration dicts. CLI flags override the environment by being passed as keyword arguments.
+`STREAMER_KAFKA_<NAME>` variables pass straight to every Kafka client as `<name>` with `_` turned
+into `.` (`STREAMER_KAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`); their values are
+kept as secrets and never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import pydantic
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamer.errors import ConfigError
+
+ENV_PREFIX: Final = "STREAMER_"
+KAFKA_ENV_PREFIX: Final = "STREAMER_KAFKA_"
+
+# Settings the scorer relies on for its guarantees: a pass-through setting may not change them.
+_PROTECTED_KAFKA_KEYS: Final = frozenset(
+    {
+        "enable.auto.offset.store",
+        "enable.idempotence",
+        "acks",
+        "isolation.level",
+        "transactional.id",
+        "group.id",
+        "bootstrap.servers",
+    }
+)
+_KAFKA_KEY: Final = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
+_SECRET_HINTS: Final = ("password", "secret", "jaas", "token", "key", "credentials")
+
+
+class Settings(BaseSettings):
+    """Everything the commands need to know; immutable once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    bootstrap_servers: str = Field(default="localhost:9092", min_length=1)
+    """Kafka bootstrap servers, `host:port[,host:port...]`."""
+
+    input_topic: str = "transactions"
+    """Transaction events in."""
+
+    output_topic: str = "fraud-verdicts"
+    """Verdicts out."""
+
+    dlq_topic: str = "transactions-dlq"
+    """Records that could not be scored, with the reason in their headers."""
+
+    group_id: str = Field(default="streamer", min_length=1)
+    """Consumer group of the scorer."""
+
+    model_path: Path = Path("models/fraud-model.skops")
+    """The model artefact (skops); its card sits beside it as `<stem>.card.json`."""
+
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Score at or above which a verdict says fraud; default: the model card's threshold."""
+
+    processing_guarantee: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    """at-least-once (offsets stored after delivery) or exactly-once (Kafka transactions)."""
+
+    log_format: Literal["console", "json"] | None = None
+    """`console` or `json`; default: console on a TTY, JSON otherwise."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Most records taken from the consumer per poll."""
+
+    poll_timeout: float = Field(default=0.1, gt=0.0, le=1.0)
+    """Seconds one poll waits for records; bounded at 1 s so signals are served promptly."""
+
+    max_event_bytes: int = Field(default=64 * 1024, ge=64)
+    """Values larger than this are dead-lettered unread (stage decode)."""
+
+    progress_interval: float = Field(default=10.0, gt=0.0)
+    """Seconds between progress log lines."""
+
+    kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
+    """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
+
+    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @classmethod
+    def _valid_topic(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value) or value in {".", ".."}:
+            raise ValueError("a topic name is 1-249 of the characters A-Z a-z 0-9 . _ -")
+        return value
+
+    @field_validator("kafka")
+    @classmethod
+    def _valid_kafka_keys(cls, value: Mapping[str, SecretStr]) -> Mapping[str, SecretStr]:
+        for key in value:
+            variable = KAFKA_ENV_PREFIX + key.upper().replace(".", "_")
+            if not _KAFKA_KEY.match(key):
+                raise ValueError(f"{variable}: {key!r} is not a librdkafka property name")
+            if key in _PROTECTED_KAFKA_KEYS:
+                raise ValueError(
+                    f"{variable}: {key!r} is set by streamer itself; it carries the delivery "
+                    "guarantee or the connection and has a variable of its own"
+                )
+        return value
+
+    # -- librdkafka dicts: built here and nowhere else ------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            key: secret.get_secret_value() for key, secret in self.kafka.items()
+        }
+        config["bootstrap.servers"] = self.bootstrap_servers
+        return config
+
+    def consumer_config(self, *, group_id: str | None = None) -> dict[str, Any]:
+        """The scorer's consumer: offsets stored by us only after the output is acknowledged."""
+        config = {
+            "group.id": group_id or self.group_id,
+            "auto.offset.reset": "earliest",
+            # Offsets are stored explicitly once the verdict or dead letter for a record (and
+            # every record before it) is acknowledged; librdkafka then commits what was stored.
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
+            "enable.partition.eof": False,
+            # Cooperative rebalancing would move partitions one at a time; eager keeps the revoke
+            # callback (where we flush and commit) simple and complete.
+            "partition.assignment.strategy": "range,roundrobin",
+            "fetch.wait.max.ms": 10,
+            "session.timeout.ms": 45_000,
+            "max.poll.interval.ms": 300_000,
+        }
+        config.update(self._common())
+        return config
+
+    def producer_config(self) -> dict[str, Any]:
+        """The scorer's producer: idempotent, every replica acknowledges, small linger."""
+        config = {
+            "enable.idempotence": True,
+            "acks": "all",
+            # A record the broker never acknowledges stops the scorer; it is not dropped, so give
+            # the broker time to recover from a leader change before declaring failure.
+            "delivery.timeout.ms": 120_000,
+            "linger.ms": 5,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 200_000,
+            "compression.type": "lz4",
+        }
+        config.update(self._common())
+        return config
+
+    def tool_producer_config(self) -> dict[str, Any]:
+        """Producers of the user tools (synthetic events, test feeds)."""
+        return self.producer_config()
+
+    def reader_config(self, group_id: str) -> dict[str, Any]:
+        """Consumers of the user tools that read without committing (tail, demo)."""
+        config = {
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "latest",
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 10,
+        }
+        config.update(self._common())
+        return config
+
+    def admin_config(self) -> dict[str, Any]:
+        return self._common()
+
+    def loggable(self) -> dict[str, Any]:
+        """The configuration without secrets: pass-through Kafka values are masked."""
+        shown = self.model_dump(exclude={"kafka"}, mode="json")
+        shown["kafka"] = {key: _mask(key, secret) for key, secret in self.kafka.items()}
+        return shown
+
+
+def _mask(key: str, secret: SecretStr) -> str:
+    if any(hint in key for hint in _SECRET_HINTS) or key.startswith("sasl."):
+        return "**********"
+    return secret.get_secret_value()
+
+
+def kafka_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`STREAMER_KAFKA_SASL_PASSWORD=x` → `{"sasl.password": "x"}`."""
+    return {
+        name.removeprefix(KAFKA_ENV_PREFIX).lower().replace("_", "."): value
+        for name, value in environ.items()
+        if name.startswith(KAFKA_ENV_PREFIX) and len(name) > len(KAFKA_ENV_PREFIX)
+    }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment, then flags (`overrides`, None meaning "not given").
+
+    Raises `ConfigError` naming each bad variable (or flag) and what is wrong with it.
+    """
+    given = {name: value for name, value in overrides.items() if value is not None}
+    environ = os.environ
+    kafka = {key: SecretStr(value) for key, value in kafka_env(environ).items()}
+    try:
+        return Settings(kafka=kafka, **given)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc, given)) from None
+
+
+def _describe(exc: pydantic.ValidationError, flags: Mapping[str, Any]) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        field = loc[0] if loc else "?"
+        if field == "kafka":
+            source = ""
+        elif field in flags:
+            source = f"--{field.replace('_', '-')}"
+        else:
+            source = f"{ENV_PREFIX}{field.upper()}"
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        got = "" if field == "kafka" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{source}: {message}{got}" if source else message)
+    return "invalid configuration: " + "; ".join(lines)
