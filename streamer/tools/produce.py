@@ -1,0 +1,154 @@
+"""`streamer produce`: publish synthetic transactions to the input topic at a steady rate."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import structlog
+from confluent_kafka import KafkaError, Producer
+
+from streamer.errors import DeliveryFailedError
+from streamer.kafka.clients import CLIENT_LOGGER, ClientErrors
+from streamer.serde import encode_transaction
+from streamer.settings import Settings
+from streamer.synthetic import LabelledTransaction, SyntheticWorld
+
+log = structlog.get_logger(__name__)
+
+PACING_SLICE_SECONDS = 0.005
+"""A paced producer sends in slices this long, so bursts stay small at any rate."""
+
+
+@dataclass(slots=True)
+class ProduceReport:
+    sent: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; silent when `stream` is not a TTY."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self._total = max(total, 1)
+        self._stream = stream
+        self._enabled = stream.isatty()
+        self._width = width
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        filled = int(self._width * done / self._total)
+        rate = done / max(now - self._started, 1e-9)
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done:,}/{self._total:,}"
+            f"  {rate:,.0f}/s "
+        )
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def paced(items: Iterable[Any], rate: float | None) -> Iterator[Any]:
+    """Yield `items` at `rate` per second on average (as fast as possible when None)."""
+    if not rate:
+        yield from items
+        return
+    started = time.monotonic()
+    for index, item in enumerate(items):
+        due = started + index / rate
+        delay = due - time.monotonic()
+        if delay > PACING_SLICE_SECONDS:
+            time.sleep(delay)
+        yield item
+
+
+def publish(
+    producer: Producer,
+    topic: str,
+    events: Iterable[LabelledTransaction],
+    *,
+    rate: float | None = None,
+    on_sent: Callable[[LabelledTransaction], None] | None = None,
+    progress: ProgressBar | None = None,
+) -> ProduceReport:
+    """Produce `events` (key = card_id) and wait for every acknowledgement."""
+    report = ProduceReport()
+    started = time.monotonic()
+
+    def on_delivery(error: KafkaError | None, _message: Any) -> None:
+        if error is None:
+            report.acknowledged += 1
+        else:
+            report.failed += 1
+            if len(report.errors) < 5:
+                report.errors.append(error.str())
+
+    for event in paced(events, rate):
+        record = event.record
+        value = encode_transaction(record)
+        while True:
+            try:
+                producer.produce(topic, value, record["card_id"].encode(), on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if on_sent is not None:
+            on_sent(event)
+        report.sent += 1
+        producer.poll(0)
+        if progress is not None:
+            progress.update(report.sent)
+    producer.flush()
+    report.seconds = time.monotonic() - started
+    if progress is not None:
+        progress.update(report.sent, force=True)
+        progress.close()
+    return report
+
+
+def produce_synthetic(
+    settings: Settings, *, count: int, rate: float | None, seed: int
+) -> ProduceReport:
+    """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s."""
+    errors = ClientErrors("producer")
+    producer = Producer(
+        {**settings.tool_producer_config(), "error_cb": errors, "logger": CLIENT_LOGGER}
+    )
+    log.info("producing", topic=settings.input_topic, count=count, rate=rate, seed=seed)
+    report = publish(
+        producer,
+        settings.input_topic,
+        SyntheticWorld(seed).generate(count),
+        rate=rate,
+        progress=ProgressBar(count),
+    )
+    errors.raise_if_fatal()
+    log.info(
+        "produced",
+        sent=report.sent,
+        acknowledged=report.acknowledged,
+        failed=report.failed,
+        seconds=round(report.seconds, 2),
+        events_per_second=round(report.sent / max(report.seconds, 1e-9)),
+    )
+    if report.failed:
+        raise DeliveryFailedError(
+            f"{report.failed} of {report.sent} events were not delivered: {report.errors[0]}"
+        )
+    return report
