@@ -1,0 +1,243 @@
+"""The scorer end to end on a real broker: verdicts, dead letters, clean stops, bad config."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streamer.model.artifact import load_model
+from streamer.serde import decode_transaction, decode_verdict, encode_transaction
+from tests.conftest import Topics
+from tests.integration.support import (
+    committed_offsets,
+    produce_raw,
+    produce_synthetic,
+    read_all,
+    run_scorer,
+    scorer_env,
+    start_scorer,
+    streamer_command,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+class TestScoring:
+    def test_every_event_gets_exactly_one_verdict(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """10,000 events in, 10,000 verdicts out, one per transaction, fields and headers right."""
+        events = produce_synthetic(bootstrap_servers, topics.input, 10_000, seed=101)
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+        card = load_model(model_path).card
+        inputs = {(r.partition, r.offset): r for r in read_all(bootstrap_servers, topics.input)}
+        verdicts = read_all(bootstrap_servers, topics.output)
+        by_id = Counter(decode_verdict(v.value or b"")["transaction_id"] for v in verdicts)
+        assert set(by_id) == {e.record["transaction_id"] for e in events}
+        assert set(by_id.values()) == {1}
+        assert read_all(bootstrap_servers, topics.dlq) == []
+
+        for record in verdicts:
+            verdict = decode_verdict(record.value or b"")
+            assert record.headers["streamer.source.topic"] == topics.input
+            source = inputs[
+                (int(record.headers["streamer.source.partition"]),
+                 int(record.headers["streamer.source.offset"]))
+            ]  # fmt: skip
+            transaction = decode_transaction(source.value or b"")
+            assert transaction["transaction_id"] == verdict["transaction_id"]
+            assert record.key == source.key == verdict["card_id"].encode()
+            assert verdict["event_time"] == transaction["event_time"]
+            assert 0.0 <= verdict["score"] <= 1.0
+            assert verdict["is_fraud"] == (verdict["score"] >= verdict["threshold"])
+            assert verdict["threshold"] == pytest.approx(card.threshold)
+            assert (verdict["model_name"], verdict["model_version"]) == (card.name, card.version)
+            assert abs(verdict["scored_at"] - time.time() * 1000) < 10 * 60 * 1000
+
+        flagged = {decode_verdict(v.value or b"")["transaction_id"] for v in verdicts
+                   if decode_verdict(v.value or b"")["is_fraud"]}  # fmt: skip
+        frauds = {e.record["transaction_id"] for e in events if e.is_fraud}
+        assert len(flagged & frauds) / len(frauds) > 0.3, "the model should catch real fraud"
+        assert committed_offsets(bootstrap_servers, topics) == {
+            p: max(o for (pp, o) in inputs if pp == p) + 1 for p in {p for (p, _) in inputs}
+        }
+
+    def test_threshold_override(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """STREAMER_THRESHOLD replaces the card's threshold in every verdict."""
+        produce_synthetic(bootstrap_servers, topics.input, 300, seed=5)
+        env = scorer_env(bootstrap_servers, topics, model_path, STREAMER_THRESHOLD="0.0")
+        assert run_scorer(env).returncode == 0
+        verdicts = [
+            decode_verdict(r.value or b"") for r in read_all(bootstrap_servers, topics.output)
+        ]
+        assert len(verdicts) == 300
+        assert all(v["threshold"] == 0.0 and v["is_fraud"] for v in verdicts)
+
+
+class TestDeadLetters:
+    def test_malformed_records_are_dead_lettered_and_good_ones_scored(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """Each kind of bad input lands in the DLQ with its stage; every good record is scored."""
+        good = produce_synthetic(bootstrap_servers, topics.input, 2_000, seed=202)
+        template = dict(good[0].record)
+
+        def variant(**changes: object) -> bytes:
+            return encode_transaction({**template, "transaction_id": str(uuid.uuid4()), **changes})
+
+        key = template["card_id"].encode()
+        valid = encode_transaction(template)
+        bad: list[tuple[bytes | None, bytes | None, str, str]] = [
+            (key, b"\x00\x01garbage\xff", "decode", "not an Avro Transaction"),
+            (key, valid[:7], "decode", "not an Avro Transaction"),
+            (key, valid + b"\x00\x00", "decode", "trailing bytes"),
+            (key, None, "decode", "tombstone"),
+            (key, b"\x02" * 100_000, "decode", "exceeds the limit"),
+            (key, variant(amount=-3.0), "validate", "amount: Input should be greater than"),
+            (key, variant(amount=math.nan), "validate", "amount: Input should be a finite number"),
+            (key, variant(currency="ABC"), "validate", "unknown ISO 4217 currency code"),
+            (key, variant(country="QQ"), "validate", "unknown ISO 3166-1 alpha-2"),
+            (key, variant(channel="carrier-pigeon"), "validate", "unknown channel"),
+            (None, variant(), "validate", "missing key"),
+            (b"someone-else", variant(), "validate", "does not match card_id"),
+        ]
+        produce_raw(bootstrap_servers, topics.input, [(k, v) for k, v, _, _ in bad])
+        produce_synthetic(bootstrap_servers, topics.input, 1_000, seed=203)
+
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert '"dead letter"' in result.stderr
+
+        dead = read_all(bootstrap_servers, topics.dlq)
+        assert len(dead) == len(bad)
+        by_value = {(d.key, d.value): d for d in dead}
+        for key_bytes, value, stage, reason in bad:
+            letter = by_value[(key_bytes, value)]  # key and value bytes unchanged
+            assert letter.headers["streamer.error.stage"] == stage
+            assert reason in letter.headers["streamer.error.reason"]
+            assert letter.headers["streamer.error.class"].startswith("streamer.errors.")
+            assert letter.headers["streamer.source.topic"] == topics.input
+            assert letter.headers["streamer.consumer.group"] == topics.group
+            int(letter.headers["streamer.source.partition"])
+            int(letter.headers["streamer.source.offset"])
+
+        verdict_ids = Counter(
+            decode_verdict(r.value or b"")["transaction_id"]
+            for r in read_all(bootstrap_servers, topics.output)
+        )
+        assert len(verdict_ids) == 3_000
+        assert set(verdict_ids.values()) == {1}
+
+
+class TestStopAndRestart:
+    def test_sigterm_mid_stream_then_restart_loses_nothing(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """SIGTERM finishes in-flight work and exits 0; a restart completes the rest, once each."""
+        events = produce_synthetic(bootstrap_servers, topics.input, 30_000, seed=303)
+        env = scorer_env(bootstrap_servers, topics, model_path, STREAMER_BATCH_SIZE="100")
+        scorer = start_scorer(env)
+        deadline = time.monotonic() + 120
+        while not committed_progress(bootstrap_servers, topics):
+            assert scorer.poll() is None, scorer.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the scorer made no progress"
+            time.sleep(0.2)
+        scorer.send_signal(signal.SIGTERM)
+        _, stderr = scorer.communicate(timeout=60)
+        assert scorer.returncode == 0, stderr[-3000:]
+        assert '"stop requested"' in stderr
+
+        first_run = len(read_all(bootstrap_servers, topics.output))
+        assert 0 < first_run < 30_000, "stop should land mid-stream"
+
+        result = run_scorer(env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ids = Counter(
+            decode_verdict(r.value or b"")["transaction_id"]
+            for r in read_all(bootstrap_servers, topics.output)
+        )
+        assert set(ids) == {e.record["transaction_id"] for e in events}
+        assert max(ids.values()) == 1, "a clean stop commits everything it produced"
+
+
+def committed_progress(bootstrap: str, topics: Topics) -> bool:
+    return any(offset > 0 for offset in committed_offsets(bootstrap, topics).values())
+
+
+class TestStartUpRefusals:
+    def test_bad_config_exits_non_zero_naming_the_variable(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """An invalid variable stops the process before Kafka, naming the variable."""
+        env = scorer_env(
+            bootstrap_servers, topics, model_path, STREAMER_PROCESSING_GUARANTEE="sometimes"
+        )
+        result = run_scorer(env)
+        assert result.returncode == 2
+        assert "STREAMER_PROCESSING_GUARANTEE" in result.stderr
+        assert "'sometimes'" in result.stderr
+
+    def test_refused_model_consumes_and_commits_nothing(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path, tmp_path: Path
+    ) -> None:
+        """An artefact with one flipped byte stops the scorer before it reads a record."""
+        broken = tmp_path / model_path.name
+        data = bytearray(model_path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        broken.write_bytes(bytes(data))
+        card = model_path.with_name(model_path.stem + ".card.json")
+        broken.with_name(card.name).write_bytes(card.read_bytes())
+        produce_synthetic(bootstrap_servers, topics.input, 50, seed=9)
+
+        result = run_scorer(scorer_env(bootstrap_servers, topics, broken))
+        assert result.returncode == 3
+        assert "sha256" in result.stderr
+        assert set(committed_offsets(bootstrap_servers, topics).values()) == {-1001}
+        assert read_all(bootstrap_servers, topics.output) == []
+
+
+class TestCommands:
+    def test_produce_then_tail(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """`streamer produce` feeds the scorer and `streamer tail` shows its verdicts."""
+        env = scorer_env(bootstrap_servers, topics, model_path)
+        produced = subprocess.run(
+            streamer_command("produce", "--count", "40", "--rate", "400", "--seed", "3"),
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert produced.returncode == 0, produced.stderr
+        assert run_scorer(env).returncode == 0
+        tailed = subprocess.run(
+            streamer_command("tail", "--from-beginning", "--count", "40", "--format", "json"),
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert tailed.returncode == 0, tailed.stderr
+        lines = tailed.stdout.strip().splitlines()
+        assert len(lines) == 40
+        assert all(f'"source":"{topics.input}[' in line for line in lines)
+
+    def test_topics_create_is_idempotent(self, bootstrap_servers: str) -> None:
+        """`streamer topics create` creates missing topics and leaves existing ones alone."""
+        suffix = uuid.uuid4().hex[:8]
+        args = [
+            "topics", "create", "--partitions", "2",
+            "--input-topic", f"in-{suffix}", "--output-topic", f"out-{suffix}",
+            "--dlq-topic", f"dlq-{suffix}", "--bootstrap-servers", bootstrap_servers,
+        ]  # fmt: skip
+        first = subprocess.run(streamer_command(*args), capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.count("created") == 3
+        second = subprocess.run(streamer_command(*args), capture_output=True, text=True, timeout=60)
+        assert second.stdout.count("exists") == 3

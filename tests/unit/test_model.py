@@ -1,0 +1,408 @@
+"""Model training, the verified artefact (every refusal), and the batch scorer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import skops.io
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_info
+
+from streamer.errors import ConfigError, ModelRefusedError
+from streamer.features import FEATURE_ORDER, build_features
+from streamer.model.artifact import (
+    TRUSTED_TYPES,
+    ModelCard,
+    card_path_for,
+    load_model,
+    save_model,
+)
+from streamer.model.scorer import Scorer
+from streamer.model.train import THRESHOLD_RULE, train_model
+from streamer.synthetic import SyntheticWorld
+
+TEST_TRAINING_SIZE = 20_000
+TEST_SEED = 5
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelCard]:
+    """A small model trained once per session into a temporary directory (never committed)."""
+    model_path = tmp_path_factory.mktemp("model") / "fraud-model.skops"
+    card = train_model(model_path, seed=TEST_SEED, size=TEST_TRAINING_SIZE)
+    return model_path, card
+
+
+@pytest.fixture
+def model_copy(trained: tuple[Path, ModelCard], tmp_path: Path) -> Path:
+    """A private copy of the trained artefact and card, for tests that damage them."""
+    source, _ = trained
+    target = tmp_path / source.name
+    shutil.copyfile(source, target)
+    shutil.copyfile(card_path_for(source), card_path_for(target))
+    return target
+
+
+@pytest.fixture(scope="session")
+def unseen() -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels from a seed the model never saw."""
+    items = list(SyntheticWorld(TEST_SEED + 100).generate(20_000))
+    features = build_features([item.record for item in items])
+    return features, np.array([item.is_fraud for item in items])
+
+
+def _rewrite_card(model_path: Path, **changes: Any) -> None:
+    card_path = card_path_for(model_path)
+    card = json.loads(card_path.read_text()) | changes
+    card_path.write_text(json.dumps(card))
+
+
+def _refusal(model_path: Path) -> str:
+    with pytest.raises(ModelRefusedError) as caught:
+        load_model(model_path)
+    return str(caught.value)
+
+
+class _TouchOnUnpickle:
+    """A pickle payload: unpickling it opens (so creates) the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+class TestTrainModel:
+    def test_card_names_the_artefact_bytes(self, trained: tuple[Path, ModelCard]) -> None:
+        """The card's sha256 is the sha256 of the artefact file."""
+        model_path, card = trained
+
+        assert card.sha256 == hashlib.sha256(model_path.read_bytes()).hexdigest()
+
+    def test_card_on_disk_is_the_returned_card(self, trained: tuple[Path, ModelCard]) -> None:
+        """The JSON beside the artefact is the card train_model returned."""
+        model_path, card = trained
+
+        assert ModelCard.model_validate_json(card_path_for(model_path).read_bytes()) == card
+
+    def test_card_lists_the_feature_order(self, trained: tuple[Path, ModelCard]) -> None:
+        """The card records FEATURE_ORDER."""
+        assert trained[1].features == list(FEATURE_ORDER)
+
+    def test_version_carries_date_and_sha(self, trained: tuple[Path, ModelCard]) -> None:
+        """The version is 1.<yyyymmdd>.<sha256[:8]>."""
+        card = trained[1]
+
+        assert re.fullmatch(rf"1\.\d{{8}}\.{card.sha256[:8]}", card.version)
+
+    def test_test_auc_above_floor(self, trained: tuple[Path, ModelCard]) -> None:
+        """Held-out ROC AUC and average precision show a useful, not perfect, model."""
+        metrics = trained[1].metrics
+
+        assert 0.9 < metrics["roc_auc"] < 0.999
+        assert metrics["average_precision"] > 0.3
+
+    def test_threshold_chosen_by_the_recorded_rule(self, trained: tuple[Path, ModelCard]) -> None:
+        """The threshold lies strictly inside (0, 1) and the card names its rule."""
+        card = trained[1]
+
+        assert 0.0 < card.threshold < 1.0
+        assert card.training["threshold_rule"] == THRESHOLD_RULE
+
+    def test_splits_cover_the_data_in_time_order(self, trained: tuple[Path, ModelCard]) -> None:
+        """Train, validation and test sizes add up to the training size."""
+        sizes = trained[1].training["split_sizes"]
+
+        assert list(sizes) == ["train", "validation", "test"]
+        assert sum(sizes.values()) == TEST_TRAINING_SIZE
+
+    def test_too_small_size_is_refused(self, tmp_path: Path) -> None:
+        """A size too small to split sensibly raises ValueError and writes nothing."""
+        with pytest.raises(ValueError, match="size"):
+            train_model(tmp_path / "m.skops", size=100)
+        assert list(tmp_path.iterdir()) == []
+
+
+class TestSaveModel:
+    def test_card_path_sits_beside_the_artefact(self) -> None:
+        """models/fraud-model.skops has its card at models/fraud-model.card.json."""
+        assert card_path_for(Path("models/fraud-model.skops")) == Path(
+            "models/fraud-model.card.json"
+        )
+
+    def test_leaves_no_temporary_files(self, trained: tuple[Path, ModelCard]) -> None:
+        """Only the artefact and its card remain in the directory."""
+        model_path, _ = trained
+
+        assert sorted(p.name for p in model_path.parent.iterdir()) == [
+            "fraud-model.card.json",
+            "fraud-model.skops",
+        ]
+
+    def test_files_are_readable_by_others(self, trained: tuple[Path, ModelCard]) -> None:
+        """Artefact and card are 0644, so a scorer running as another user can read them."""
+        model_path, _ = trained
+
+        assert model_path.stat().st_mode & 0o777 == 0o644
+        assert card_path_for(model_path).stat().st_mode & 0o777 == 0o644
+
+
+class TestLoadModel:
+    def test_loads_a_verified_model(self, trained: tuple[Path, ModelCard]) -> None:
+        """A freshly trained pair loads, with its card and a fitted classifier."""
+        model_path, card = trained
+
+        loaded = load_model(model_path)
+
+        assert loaded.card == card
+        assert isinstance(loaded.estimator, HistGradientBoostingClassifier)
+
+    def test_refuses_missing_artefact(self, tmp_path: Path) -> None:
+        """No artefact file: refused, pointing at `streamer train`."""
+        message = _refusal(tmp_path / "fraud-model.skops")
+
+        assert "no model artefact" in message
+        assert "streamer train" in message
+
+    def test_refuses_missing_card(self, model_copy: Path) -> None:
+        """An artefact without its card is refused."""
+        card_path_for(model_copy).unlink()
+
+        assert "no model card" in _refusal(model_copy)
+
+    def test_refuses_card_that_is_not_json(self, model_copy: Path) -> None:
+        """A card that does not parse is refused as invalid."""
+        card_path_for(model_copy).write_text("{not json")
+
+        assert "invalid" in _refusal(model_copy)
+
+    def test_refuses_card_missing_a_field(self, model_copy: Path) -> None:
+        """A card without its sha256 is refused as invalid, naming the field."""
+        card_path = card_path_for(model_copy)
+        card = json.loads(card_path.read_text())
+        del card["sha256"]
+        card_path.write_text(json.dumps(card))
+
+        assert "sha256" in _refusal(model_copy)
+
+    def test_refuses_one_flipped_byte(self, model_copy: Path) -> None:
+        """Changing one byte of the artefact fails the sha256 check."""
+        data = bytearray(model_copy.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        model_copy.write_bytes(bytes(data))
+
+        assert "sha256" in _refusal(model_copy)
+
+    def test_refuses_other_sklearn_version(self, model_copy: Path) -> None:
+        """A model trained with another scikit-learn is refused."""
+        _rewrite_card(model_copy, sklearn_version="0.24.2")
+
+        assert "scikit-learn 0.24.2" in _refusal(model_copy)
+
+    def test_refuses_other_features(self, model_copy: Path) -> None:
+        """A card whose features differ from FEATURE_ORDER is refused."""
+        _rewrite_card(model_copy, features=list(reversed(FEATURE_ORDER)))
+
+        assert "expects features" in _refusal(model_copy)
+
+    def test_refuses_other_format(self, model_copy: Path) -> None:
+        """A card naming another artefact format is refused."""
+        _rewrite_card(model_copy, artifact_format="pickle")
+
+        assert "format 'pickle'" in _refusal(model_copy)
+
+    def test_refuses_type_outside_trusted_types(
+        self, trained: tuple[Path, ModelCard], tmp_path: Path
+    ) -> None:
+        """An artefact smuggling os.system beside the trees is refused before loading."""
+        model_path, card = trained
+        estimator = load_model(model_path).estimator
+        estimator.hook = os.system
+        rogue_path = tmp_path / "fraud-model.skops"
+        save_model(estimator, card, rogue_path)
+
+        message = _refusal(rogue_path)
+
+        assert "outside TRUSTED_TYPES" in message
+        assert "system" in message
+
+    def test_refuses_other_estimator(self, trained: tuple[Path, ModelCard], tmp_path: Path) -> None:
+        """A skops file of another (skops-trusted) estimator is refused."""
+        features = np.random.default_rng(0).random((50, len(FEATURE_ORDER)))
+        estimator = LogisticRegression().fit(features, np.arange(50) % 2 == 0)
+        other_path = tmp_path / "fraud-model.skops"
+        save_model(estimator, trained[1], other_path)
+
+        assert "not a HistGradientBoostingClassifier" in _refusal(other_path)
+
+    def test_refuses_zip_that_is_not_skops(self, model_copy: Path) -> None:
+        """A zip with a matching card but no skops schema is refused as not a skops file."""
+        with zipfile.ZipFile(model_copy, "w") as archive:
+            archive.writestr("hello.txt", "hello")
+        _rewrite_card(model_copy, sha256=hashlib.sha256(model_copy.read_bytes()).hexdigest())
+
+        assert "not a valid skops file" in _refusal(model_copy)
+
+    def test_malicious_pickle_payload_is_live(self, tmp_path: Path) -> None:
+        """Control: unpickling the payload really creates the marker file."""
+        marker = tmp_path / "pwned"
+
+        pickle.loads(pickle.dumps(_TouchOnUnpickle(marker))).close()
+
+        assert marker.exists()
+
+    def test_refuses_pickle_without_running_it(self, model_copy: Path, tmp_path: Path) -> None:
+        """A pickle named fraud-model.skops, with a matching card, is refused and never run."""
+        marker = tmp_path / "pwned"
+        model_copy.write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+        _rewrite_card(model_copy, sha256=hashlib.sha256(model_copy.read_bytes()).hexdigest())
+
+        message = _refusal(model_copy)
+
+        assert "not a valid skops file" in message
+        assert not marker.exists()
+
+    def test_trusted_types_are_what_the_artefact_needs(
+        self, trained: tuple[Path, ModelCard]
+    ) -> None:
+        """TRUSTED_TYPES is exactly the untrusted-type list of a real artefact: no spare trust."""
+        untrusted = skops.io.get_untrusted_types(file=trained[0])
+
+        assert set(untrusted) == TRUSTED_TYPES
+
+
+class TestScorer:
+    def test_scores_are_probabilities(
+        self, trained: tuple[Path, ModelCard], unseen: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """One float64 score in [0, 1] per row."""
+        features, _ = unseen
+
+        scores = Scorer.from_path(trained[0]).score(features[:500])
+
+        assert scores.dtype == np.float64
+        assert scores.shape == (500,)
+        assert ((scores >= 0.0) & (scores <= 1.0)).all()
+
+    def test_scores_rank_fraud_above_legit(
+        self, trained: tuple[Path, ModelCard], unseen: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """On data from an unseen seed, ROC AUC stays above 0.9."""
+        features, labels = unseen
+
+        scores = Scorer.from_path(trained[0]).score(features)
+
+        assert roc_auc_score(labels, scores) > 0.9
+
+    def test_scores_with_missing_enrichment(self, trained: tuple[Path, ModelCard]) -> None:
+        """NaN features (unknown card profile) still give a score in [0, 1]."""
+        row = np.zeros((1, len(FEATURE_ORDER)))
+        row[0, FEATURE_ORDER.index("amount_to_card_avg")] = np.nan
+        row[0, FEATURE_ORDER.index("is_foreign")] = np.nan
+
+        score = Scorer.from_path(trained[0]).score(row)[0]
+
+        assert 0.0 <= score <= 1.0
+
+    def test_one_predict_proba_call_per_batch(
+        self,
+        trained: tuple[Path, ModelCard],
+        unseen: tuple[np.ndarray, np.ndarray],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A batch is scored with a single predict_proba call."""
+        scorer = Scorer.from_path(trained[0])
+        calls: list[int] = []
+        original = HistGradientBoostingClassifier.predict_proba
+
+        def counting(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
+            calls.append(len(x))
+            return original(self, x)
+
+        monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", counting)
+        scorer.score(unseen[0][:500])
+
+        assert calls == [500]
+
+    def test_prediction_runs_on_one_openmp_thread(
+        self,
+        trained: tuple[Path, ModelCard],
+        unseen: tuple[np.ndarray, np.ndarray],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """While predict_proba runs, every OpenMP pool is limited to one thread."""
+        scorer = Scorer.from_path(trained[0])
+        seen: list[int] = []
+        original = HistGradientBoostingClassifier.predict_proba
+
+        def spying(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
+            seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "openmp")
+            return original(self, x)
+
+        monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", spying)
+        scorer.score(unseen[0][:10])
+
+        assert seen
+        assert set(seen) == {1}
+
+    def test_empty_batch_gives_no_scores(self, trained: tuple[Path, ModelCard]) -> None:
+        """A (0, n) matrix gives an empty score array."""
+        scores = Scorer.from_path(trained[0]).score(np.empty((0, len(FEATURE_ORDER))))
+
+        assert scores.shape == (0,)
+
+    def test_wrong_column_count_is_refused(self, trained: tuple[Path, ModelCard]) -> None:
+        """A matrix with the wrong number of columns raises ValueError."""
+        with pytest.raises(ValueError, match="shape"):
+            Scorer.from_path(trained[0]).score(np.zeros((3, len(FEATURE_ORDER) - 1)))
+
+    def test_default_threshold_comes_from_the_card(self, trained: tuple[Path, ModelCard]) -> None:
+        """Without an override the card's threshold is used."""
+        model_path, card = trained
+
+        assert Scorer.from_path(model_path).threshold == card.threshold
+
+    def test_threshold_override(self, trained: tuple[Path, ModelCard]) -> None:
+        """An explicit threshold replaces the card's."""
+        assert Scorer.from_path(trained[0], threshold=0.9).threshold == 0.9
+
+    @pytest.mark.parametrize("threshold", [-0.01, 1.01, float("nan")])
+    def test_threshold_outside_unit_interval_is_refused(
+        self, trained: tuple[Path, ModelCard], threshold: float
+    ) -> None:
+        """A threshold outside [0, 1] raises ConfigError."""
+        with pytest.raises(ConfigError, match="threshold"):
+            Scorer.from_path(trained[0], threshold=threshold)
+
+    def test_exposes_the_card_identity(self, trained: tuple[Path, ModelCard]) -> None:
+        """name, version, sha256 and card come from the verified card."""
+        model_path, card = trained
+
+        scorer = Scorer.from_path(model_path)
+
+        assert (scorer.name, scorer.version, scorer.sha256, scorer.card) == (
+            card.name,
+            card.version,
+            card.sha256,
+            card,
+        )
+
+    def test_refuses_a_damaged_artefact(self, model_copy: Path) -> None:
+        """from_path refuses what load_model refuses."""
+        model_copy.write_bytes(b"not a model")
+
+        with pytest.raises(ModelRefusedError):
+            Scorer.from_path(model_copy)

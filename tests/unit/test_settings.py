@@ -1,0 +1,102 @@
+"""Configuration: contract defaults, errors that name the variable, secrets never shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamer.errors import ConfigError
+from streamer.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("STREAMER_"):
+            monkeypatch.delenv(name)
+
+
+class TestDefaults:
+    def test_contract_defaults(self) -> None:
+        """With no variables set, the contract's defaults apply."""
+        settings = load_settings()
+        assert settings.bootstrap_servers == "localhost:9092"
+        assert settings.input_topic == "transactions"
+        assert settings.output_topic == "fraud-verdicts"
+        assert settings.dlq_topic == "transactions-dlq"
+        assert settings.group_id == "streamer"
+        assert str(settings.model_path) == "models/fraud-model.skops"
+        assert settings.threshold is None
+        assert settings.processing_guarantee == "at-least-once"
+
+    def test_flags_override_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A flag given on the command line wins over the variable."""
+        monkeypatch.setenv("STREAMER_INPUT_TOPIC", "from-env")
+        assert load_settings(input_topic="from-flag").input_topic == "from-flag"
+        assert load_settings(input_topic=None).input_topic == "from-env"
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("variable", "value", "expected"),
+        [
+            ("STREAMER_THRESHOLD", "high", "valid number"),
+            ("STREAMER_THRESHOLD", "1.5", "less than or equal to 1"),
+            ("STREAMER_PROCESSING_GUARANTEE", "at-most-once", "'at-least-once' or 'exactly-once'"),
+            ("STREAMER_INPUT_TOPIC", "bad topic!", "topic name"),
+            ("STREAMER_LOG_FORMAT", "xml", "'console' or 'json'"),
+            ("STREAMER_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ],
+    )
+    def test_bad_value_names_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+    ) -> None:
+        """The error names the variable, the problem and the value received."""
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError) as caught:
+            load_settings()
+        message = str(caught.value)
+        assert variable in message
+        assert expected in message
+        assert repr(value) in message
+
+    def test_bad_flag_names_the_flag(self) -> None:
+        """A bad flag value is reported as the flag, not as a variable."""
+        with pytest.raises(ConfigError, match="--threshold"):
+            load_settings(threshold=7.0)
+
+    def test_protected_kafka_property_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A pass-through may not weaken the delivery guarantee."""
+        monkeypatch.setenv("STREAMER_KAFKA_ENABLE_AUTO_OFFSET_STORE", "true")
+        with pytest.raises(ConfigError, match="STREAMER_KAFKA_ENABLE_AUTO_OFFSET_STORE"):
+            load_settings()
+
+
+class TestKafkaPassThrough:
+    def test_variables_become_librdkafka_properties(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """STREAMER_KAFKA_SECURITY_PROTOCOL reaches every client as security.protocol."""
+        monkeypatch.setenv("STREAMER_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        settings = load_settings()
+        for config in (
+            settings.consumer_config(),
+            settings.producer_config(),
+            settings.admin_config(),
+        ):
+            assert config["security.protocol"] == "SASL_SSL"
+
+    def test_secrets_are_masked_in_the_loggable_view(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A SASL password never appears in what is logged, yet reaches the client."""
+        monkeypatch.setenv("STREAMER_KAFKA_SASL_PASSWORD", "canary-7f3a")
+        settings = load_settings()
+        assert "canary-7f3a" not in repr(settings.loggable())
+        assert "canary-7f3a" not in repr(settings)
+        assert settings.producer_config()["sasl.password"] == "canary-7f3a"
+
+    def test_guarantee_settings(self) -> None:
+        """The scorer's clients carry the at-least-once settings."""
+        settings = load_settings()
+        assert settings.consumer_config()["enable.auto.offset.store"] is False
+        producer = settings.producer_config()
+        assert producer["enable.idempotence"] is True
+        assert producer["acks"] == "all"
