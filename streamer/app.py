@@ -112,6 +112,7 @@ class ScoringApp:
         self._threshold = scorer.threshold
         self._started = time.monotonic()
         self._assigned_at: float | None = None
+        self._stop_signal: str | None = None
 
     @classmethod
     def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
@@ -128,7 +129,8 @@ class ScoringApp:
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
-            log.info("stop requested", signal=signal.Signals(signum).name)
+            # Only flip flags here; the loop logs, outside the handler.
+            self._stop_signal = signal.Signals(signum).name
             self.stop()
 
         signal.signal(signal.SIGINT, handler)
@@ -167,6 +169,8 @@ class ScoringApp:
         except BaseException:
             self._shutdown()
             raise
+        if self._stop_signal is not None:
+            log.info("stop requested", signal=self._stop_signal)
         self._shutdown()
         self._check_deliveries()
         return self.counters
