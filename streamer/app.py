@@ -194,7 +194,11 @@ class ScoringApp:
             self._commit_safe()
         finally:
             self._consumer.close()
-        log.info("scorer stopped", **self.counters.as_dict())
+        log.info(
+            "scorer stopped",
+            acknowledged=self._tracker.acknowledged_total,
+            **self.counters.as_dict(),
+        )
 
     # -- the hot path ----------------------------------------------------------------------------
 

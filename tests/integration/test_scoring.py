@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from streamer.model.artifact import load_model
 from streamer.serde import decode_transaction, decode_verdict, encode_transaction
@@ -169,6 +171,33 @@ class TestStopAndRestart:
         )
         assert set(ids) == {e.record["transaction_id"] for e in events}
         assert max(ids.values()) == 1, "a clean stop commits everything it produced"
+
+
+class TestDeliveryFailure:
+    def test_rejected_verdicts_stop_the_scorer_and_commit_nothing_past_them(
+        self, bootstrap_servers: str, model_path: Path
+    ) -> None:
+        """When the broker refuses the outputs, the scorer exits 1 and the inputs stay unread."""
+        suffix = uuid.uuid4().hex[:12]
+        topics = Topics(f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}", f"group-{suffix}")
+        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        futures = admin.create_topics(
+            [
+                NewTopic(topics.input, 1, 1),
+                # Smaller than any record batch: every verdict is rejected by the broker.
+                NewTopic(topics.output, 1, 1, config={"max.message.bytes": "16"}),
+                NewTopic(topics.dlq, 1, 1),
+            ]
+        )
+        for future in futures.values():
+            future.result()
+        produce_synthetic(bootstrap_servers, topics.input, 200, seed=17)
+
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path))
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "was not delivered" in result.stderr
+        assert committed_offsets(bootstrap_servers, topics) == {0: -1001}
+        assert read_all(bootstrap_servers, topics.dlq) == []
 
 
 def committed_progress(bootstrap: str, topics: Topics) -> bool:

@@ -1,0 +1,192 @@
+"""The scoring loop's hot path on stub messages: one verdict or one dead letter per record."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, KafkaError
+
+from streamer.app import ScoringApp
+from streamer.headers import Headers, header_map
+from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.model.scorer import Scorer
+from streamer.serde import decode_verdict, encode_transaction
+from streamer.settings import Settings
+from streamer.synthetic import SyntheticWorld
+
+INPUT = "transactions"
+
+
+@dataclass
+class StubMessage:
+    """Satisfies `KafkaMessage`: what the consumer hands the loop."""
+
+    _value: bytes | None
+    _key: bytes | None
+    _offset: int
+    _partition: int = 0
+    _error: KafkaError | None = None
+
+    def topic(self) -> str:
+        return INPUT
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def error(self) -> KafkaError | None:
+        return self._error
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_767_225_600_000 + self._offset)
+
+
+@dataclass
+class Produced:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, str]
+
+
+@dataclass
+class RecordingProducer:
+    """Stands in for OutputProducer; acknowledges everything when `poll` is called."""
+
+    produced: list[Produced] = field(default_factory=list)
+    pending: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
+        self.produced.append(Produced(topic, key, value, header_map(headers)))
+        self.pending.append(on_delivery)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        for callback in self.pending:
+            callback(None, None)
+        self.pending.clear()
+
+
+class FailingScorer:
+    """A model that fails on any batch containing an amount above 1,000."""
+
+    def __init__(self, real: Scorer) -> None:
+        self._real = real
+        self.name, self.version, self.threshold = real.name, real.version, real.threshold
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        if (features[:, 0] > math.log1p(1_000)).any():
+            raise RuntimeError("model blew up")
+        return self._real.score(features)
+
+
+@pytest.fixture
+def scorer(model_path: Path) -> Scorer:
+    return Scorer.from_path(model_path)
+
+
+def _app(scorer: Any, producer: RecordingProducer) -> ScoringApp:
+    settings = Settings(max_event_bytes=4096)
+    return ScoringApp(
+        settings,
+        cast(Scorer, scorer),
+        cast(Consumer, object()),
+        ClientErrors("consumer"),
+        cast(OutputProducer, producer),
+    )
+
+
+def _good_messages(count: int, start_offset: int = 0) -> list[StubMessage]:
+    events = SyntheticWorld(3).generate(count)
+    return [
+        StubMessage(encode_transaction(e.record), e.record["card_id"].encode(), start_offset + i)
+        for i, e in enumerate(events)
+    ]
+
+
+class TestProcess:
+    def test_one_verdict_per_good_record_with_source_headers(self, scorer: Scorer) -> None:
+        """Good records become verdicts keyed by card, naming their source position."""
+        producer = RecordingProducer()
+        messages = _good_messages(50)
+        _app(scorer, producer).process(messages)
+        assert [p.topic for p in producer.produced] == ["fraud-verdicts"] * 50
+        for message, produced in zip(messages, producer.produced, strict=True):
+            verdict = decode_verdict(produced.value or b"")
+            assert produced.key == message.key()
+            assert produced.headers["streamer.source.offset"] == str(message.offset())
+            assert produced.headers["streamer.source.topic"] == INPUT
+            assert verdict["is_fraud"] == (verdict["score"] >= scorer.threshold)
+
+    def test_bad_records_are_dead_lettered_and_the_rest_scored(self, scorer: Scorer) -> None:
+        """A batch mixing bad and good input: each bad one to the DLQ, each good one scored."""
+        producer = RecordingProducer()
+        good = _good_messages(5)
+        bad = [
+            StubMessage(b"\xff\xfe", b"k", 100),
+            StubMessage(None, b"k", 101),
+            StubMessage(b"\x00" * 5000, b"k", 102),
+            StubMessage(good[0].value(), None, 103),
+        ]
+        app = _app(scorer, producer)
+        app.process([good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], *good[3:]])
+        dead = [p for p in producer.produced if p.topic == "transactions-dlq"]
+        stages = [
+            (p.headers["streamer.source.offset"], p.headers["streamer.error.stage"]) for p in dead
+        ]
+        assert stages == [
+            ("100", "decode"),
+            ("101", "decode"),
+            ("102", "decode"),
+            ("103", "validate"),
+        ]
+        assert dead[1].value is None
+        assert dead[2].value == b"\x00" * 5000
+        assert "exceeds the limit of 4096 bytes" in dead[2].headers["streamer.error.reason"]
+        assert sum(p.topic == "fraud-verdicts" for p in producer.produced) == 5
+        assert app.counters.as_dict() == {
+            "consumed": 9, "verdicts": 5, "dead_letters": 4, "flagged": app.counters.flagged
+        }  # fmt: skip
+
+    def test_model_failure_isolates_the_record(self, scorer: Scorer) -> None:
+        """When the model fails on a batch, only the record it fails on is dead-lettered (score)."""
+        producer = RecordingProducer()
+        messages = _good_messages(20)
+        record = dict(SyntheticWorld(9).generate(1).__next__().record, amount=5_000.0)
+        poison = StubMessage(encode_transaction(record), record["card_id"].encode(), 20)
+        _app(FailingScorer(scorer), producer).process([*messages[:10], poison, *messages[10:]])
+        dead = [p for p in producer.produced if p.topic == "transactions-dlq"]
+        assert [
+            (d.headers["streamer.source.offset"], d.headers["streamer.error.stage"]) for d in dead
+        ] == [("20", "score")]
+        assert sum(p.topic == "fraud-verdicts" for p in producer.produced) == 20
+
+    def test_consumer_errors_are_not_records(self, scorer: Scorer) -> None:
+        """A non-fatal error event in a batch produces nothing and counts nothing."""
+        producer = RecordingProducer()
+        error = StubMessage(None, None, -1, _error=KafkaError(KafkaError._TRANSPORT))
+        app = _app(scorer, producer)
+        app.process([error, *_good_messages(2)])
+        assert app.counters.consumed == 2
+        assert len(producer.produced) == 2
