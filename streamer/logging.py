@@ -21,6 +21,10 @@ _LEVELS: Final = {
 }
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(log_format: str | None = None, level: str = "info") -> None:
     """Configure structlog and the stdlib root logger once, for the whole process."""
     if log_format is None:
@@ -40,8 +44,10 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Look up sys.stderr when a logger is built, not once at set-up, so redirecting stderr
+        # (tests, embedding) is followed.
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
     )
     # Route stdlib logging (librdkafka via confluent-kafka's `logger` option) through structlog.
     handler = logging.StreamHandler(sys.stderr)

@@ -1,0 +1,81 @@
+"""The command line: exit codes and messages a user sees before anything touches Kafka."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, build_parser, main
+from streamer.tools.produce import ProgressBar
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("STREAMER_"):
+            monkeypatch.delenv(name)
+    # Nothing here may reach a broker: point at a port nobody listens on.
+    monkeypatch.setenv("STREAMER_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+
+
+class TestExitCodes:
+    def test_invalid_variable_exits_2_naming_it(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A bad STREAMER_ variable: exit 2 and a one-line message naming it."""
+        monkeypatch.setenv("STREAMER_LOG_LEVEL", "loud")
+        assert main(["run"]) == EXIT_USAGE
+        error = capsys.readouterr().err
+        assert "STREAMER_LOG_LEVEL" in error
+        assert "'loud'" in error
+
+    def test_missing_model_exits_3(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No artefact at the model path: exit 3 with a message saying how to make one."""
+        code = main(["run", "--model-path", str(tmp_path / "none.skops"), "--log-format", "json"])
+        assert code == EXIT_MODEL_REFUSED
+        assert "streamer train" in capsys.readouterr().err
+
+    def test_exactly_once_is_refused_at_start_up(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """exactly-once is not available yet: refused before anything else, exit 2."""
+        assert main(["run", "--processing-guarantee", "exactly-once"]) == EXIT_USAGE
+        assert "exactly-once" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        "argv",
+        [["produce", "--count", "0"], ["produce", "--rate", "-5"], ["tail", "--format", "xml"]],
+    )
+    def test_bad_flags_are_usage_errors(self, argv: list[str]) -> None:
+        """Flag values out of range are refused by the parser (exit 2)."""
+        with pytest.raises(SystemExit) as caught:
+            build_parser().parse_args(argv)
+        assert caught.value.code == EXIT_USAGE
+
+
+class TtyBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class TestProgressBar:
+    def test_draws_on_a_terminal(self) -> None:
+        """On a TTY the bar shows progress and total."""
+        stream = TtyBuffer()
+        bar = ProgressBar(200, stream=stream)
+        bar.update(100, force=True)
+        bar.close()
+        assert "100/200" in stream.getvalue()
+        assert "#" * 15 in stream.getvalue()
+
+    def test_silent_when_not_a_terminal(self) -> None:
+        """Piped output gets no bar."""
+        stream = io.StringIO()
+        bar = ProgressBar(10, stream=stream)
+        bar.update(10, force=True)
+        bar.close()
+        assert stream.getvalue() == ""
