@@ -184,14 +184,8 @@ class ScoringApp:
         return now - idle_since >= seconds and self._tracker.in_flight() == 0
 
     def _shutdown(self) -> None:
-        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
-        if remaining:
-            log.error(
-                "outputs not acknowledged at shutdown; their inputs stay uncommitted",
-                in_flight=remaining,
-            )
         try:
-            self._commit_safe()
+            self._flush_and_commit()
         finally:
             self._consumer.close()
         log.info(
@@ -332,7 +326,18 @@ class ScoringApp:
     def _store_offsets(self) -> None:
         store_positions(self._consumer, self._tracker.take_advanced())
 
-    def _commit_safe(self, partitions: Sequence[TopicPartition] = ()) -> None:
+    def _flush_and_commit(self, partitions: Sequence[TopicPartition] = ()) -> None:
+        """Wait for outstanding outputs, then commit the safe positions of `partitions` (or all).
+
+        Outputs still unacknowledged after the wait keep their inputs uncommitted, so whoever
+        consumes these partitions next redoes them.
+        """
+        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
+        if remaining:
+            log.error(
+                "outputs not acknowledged in time; their inputs stay uncommitted",
+                in_flight=remaining,
+            )
         keys = [(tp.topic, tp.partition) for tp in partitions] if partitions else None
         positions = self._tracker.positions(keys)
         commit_positions(self._consumer, positions)
@@ -348,14 +353,8 @@ class ScoringApp:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Runs inside consume() on the main thread. Wait for the outputs of the records we read
         # from these partitions, then commit what is safe so the next owner starts after them.
-        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
-        if remaining:
-            log.error(
-                "outputs not acknowledged at revoke; the next owner will redo them",
-                in_flight=remaining,
-            )
         try:
-            self._commit_safe(partitions)
+            self._flush_and_commit(partitions)
         except Exception as exc:  # never raise inside a librdkafka callback
             log.error("commit at revoke failed", error=repr(exc))
         self._tracker.forget((p.topic, p.partition) for p in partitions)

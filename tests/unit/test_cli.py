@@ -12,12 +12,7 @@ from streamer.tools.produce import ProgressBar
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("STREAMER_"):
-            monkeypatch.delenv(name)
+def _unreachable_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing here may reach a broker: point at a port nobody listens on.
     monkeypatch.setenv("STREAMER_BOOTSTRAP_SERVERS", "127.0.0.1:1")
 

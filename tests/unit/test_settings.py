@@ -8,15 +8,6 @@ from streamer.errors import ConfigError
 from streamer.settings import load_settings
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("STREAMER_"):
-            monkeypatch.delenv(name)
-
-
 class TestDefaults:
     def test_contract_defaults(self) -> None:
         """With no variables set, the contract's defaults apply."""
