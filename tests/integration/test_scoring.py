@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from streamer.model.artifact import load_model
 from streamer.serde import decode_transaction, decode_verdict, encode_transaction
+from streamer.synthetic import SyntheticWorld
+from streamer.tools.produce import publish
 from tests.conftest import Topics
 from tests.integration.support import (
     committed_offsets,
@@ -147,7 +152,7 @@ class TestStopAndRestart:
         self, bootstrap_servers: str, topics: Topics, model_path: Path
     ) -> None:
         """SIGTERM finishes in-flight work and exits 0; a restart completes the rest, once each."""
-        events = produce_synthetic(bootstrap_servers, topics.input, 30_000, seed=303)
+        events = produce_synthetic(bootstrap_servers, topics.input, 50_000, seed=303)
         env = scorer_env(bootstrap_servers, topics, model_path, STREAMER_BATCH_SIZE="100")
         scorer = start_scorer(env)
         deadline = time.monotonic() + 120
@@ -161,7 +166,7 @@ class TestStopAndRestart:
         assert '"stop requested"' in stderr
 
         first_run = len(read_all(bootstrap_servers, topics.output))
-        assert 0 < first_run < 30_000, "stop should land mid-stream"
+        assert 0 < first_run < 50_000, "stop should land mid-stream"
 
         result = run_scorer(env)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -198,6 +203,53 @@ class TestDeliveryFailure:
         assert "was not delivered" in result.stderr
         assert committed_offsets(bootstrap_servers, topics) == {0: -1001}
         assert read_all(bootstrap_servers, topics.dlq) == []
+
+
+class TestRebalance:
+    def test_second_scorer_joining_mid_stream_takes_over_cleanly(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """On revoke the first scorer commits what it finished: nothing lost, nothing repeated."""
+        # 15 s of events: starting a scorer process takes a few seconds (imports, group join), and
+        # the second must join while the first is still busy.
+        events = list(SyntheticWorld(404).generate(75_000))
+        feed = threading.Thread(
+            target=publish,
+            args=(Producer({"bootstrap.servers": bootstrap_servers}), topics.input, events),
+            kwargs={"rate": 5_000.0},
+        )
+        env = scorer_env(bootstrap_servers, topics, model_path)
+        first = start_scorer(env, "--until-idle", "3")
+        feed.start()
+        deadline = time.monotonic() + 120
+        while not committed_progress(bootstrap_servers, topics):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first scorer made no progress"
+            time.sleep(0.2)
+        second = start_scorer(env, "--until-idle", "3")
+        feed.join(timeout=120)
+        _, first_log = first.communicate(timeout=180)
+        _, second_log = second.communicate(timeout=180)
+        assert first.returncode == 0, first_log[-3000:]
+        assert second.returncode == 0, second_log[-3000:]
+        assert stopped_counters(first_log)["consumed"] > 0
+        assert stopped_counters(second_log)["consumed"] > 0, "the second scorer should take part"
+
+        ids = Counter(
+            decode_verdict(r.value or b"")["transaction_id"]
+            for r in read_all(bootstrap_servers, topics.output)
+        )
+        assert set(ids) == {e.record["transaction_id"] for e in events}
+        assert max(ids.values()) == 1, "the hand-over should repeat nothing"
+
+
+def stopped_counters(log: str) -> dict[str, int]:
+    """The counters of a scorer's final "scorer stopped" JSON log line."""
+    for line in reversed(log.splitlines()):
+        if '"scorer stopped"' in line:
+            entry: dict[str, int] = json.loads(line)
+            return entry
+    raise AssertionError("no 'scorer stopped' line in the log")
 
 
 def committed_progress(bootstrap: str, topics: Topics) -> bool:
