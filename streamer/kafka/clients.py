@@ -71,10 +71,11 @@ class OutputProducer:
     """A producer that retries a full local queue by serving delivery reports, never by dropping.
 
     Delivery outcomes reach the `on_delivery` callback given per record (see DeliveryTracker).
+    Client errors land in `errors`; librdkafka's logs go to the process log.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.errors = ClientErrors("producer")
+    def __init__(self, config: dict[str, Any], name: str = "producer") -> None:
+        self.errors = ClientErrors(name)
         self._producer = Producer({**config, "error_cb": self.errors, "logger": CLIENT_LOGGER})
 
     def produce(
@@ -83,7 +84,7 @@ class OutputProducer:
         key: bytes | None,
         value: bytes | None,
         headers: Headers,
-        on_delivery: Callable[[Any, Any], None],
+        on_delivery: Callable[[Any, Any], None] | None,
     ) -> None:
         while True:
             try:

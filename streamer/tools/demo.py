@@ -26,12 +26,12 @@ from typing import Final
 
 import numpy as np
 import structlog
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from streamer.errors import DecodeError, StreamerError
 from streamer.headers import ERROR_STAGE, header_map
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.clients import CLIENT_LOGGER, ClientErrors, poll_batch
+from streamer.kafka.clients import CLIENT_LOGGER, OutputProducer, poll_batch
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
@@ -152,10 +152,7 @@ def run_demo(
     reader.start()
     scorer_log = DEMO_DIR / "demo-scorer.log"
     scorer = _start_scorer(settings, scorer_log)
-    errors = ClientErrors("demo-producer")
-    producer = Producer(
-        {**settings.tool_producer_config(), "error_cb": errors, "logger": CLIENT_LOGGER}
-    )
+    producer = OutputProducer(settings.tool_producer_config(), name="demo-producer")
     seed = secrets.randbelow(2**31)
     world = SyntheticWorld(seed)
     sent_at: dict[str, float] = {}
@@ -177,7 +174,9 @@ def run_demo(
         print(f"burst: {burst_count:,} events + {len(bad)} malformed records...", flush=True)
         started = time.perf_counter()
         for key, value, _stage in bad:
-            producer.produce(settings.input_topic, value, key)
+            # No delivery callback: each of these must come back as a dead letter, and the
+            # wait below fails if one does not.
+            producer.produce(settings.input_topic, key, value, [], None)
         publish(
             producer,
             settings.input_topic,
@@ -195,7 +194,7 @@ def run_demo(
         baseline = reader.collected.outputs()
         publish(producer, settings.input_topic, paced, rate=latency_rate, on_sent=remember)
         _wait_for_outputs(reader.collected, baseline + latency_count, scorer, scorer_log)
-        errors.raise_if_fatal()
+        producer.errors.raise_if_fatal()
     except BaseException:
         scorer.kill()
         reader.stop()

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import structlog
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError
 
 from streamer.errors import DeliveryFailedError
-from streamer.kafka.clients import CLIENT_LOGGER, ClientErrors
+from streamer.kafka.clients import OutputProducer
 from streamer.serde import encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
@@ -21,6 +21,9 @@ log = structlog.get_logger(__name__)
 
 PACING_SLICE_SECONDS = 0.005
 """A paced producer sends in slices this long, so bursts stay small at any rate."""
+
+FLUSH_SECONDS = 150.0
+"""Longer than the producer's delivery.timeout.ms: by then every record has its report."""
 
 
 @dataclass(slots=True)
@@ -79,7 +82,7 @@ def paced(items: Iterable[Any], rate: float | None) -> Iterator[Any]:
 
 
 def publish(
-    producer: Producer,
+    producer: OutputProducer,
     topic: str,
     events: Iterable[LabelledTransaction],
     *,
@@ -101,20 +104,17 @@ def publish(
 
     for event in paced(events, rate):
         record = event.record
-        value = encode_transaction(record)
-        while True:
-            try:
-                producer.produce(topic, value, record["card_id"].encode(), on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        producer.produce(
+            topic, record["card_id"].encode(), encode_transaction(record), [], on_delivery
+        )
         if on_sent is not None:
             on_sent(event)
         report.sent += 1
         producer.poll(0)
         if progress is not None:
             progress.update(report.sent)
-    producer.flush()
+    unreported = producer.flush(FLUSH_SECONDS)
+    report.failed += unreported
     report.seconds = time.monotonic() - started
     if progress is not None:
         progress.update(report.sent, force=True)
@@ -126,10 +126,7 @@ def produce_synthetic(
     settings: Settings, *, count: int, rate: float | None, seed: int
 ) -> ProduceReport:
     """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s."""
-    errors = ClientErrors("producer")
-    producer = Producer(
-        {**settings.tool_producer_config(), "error_cb": errors, "logger": CLIENT_LOGGER}
-    )
+    producer = OutputProducer(settings.tool_producer_config())
     log.info("producing", topic=settings.input_topic, count=count, rate=rate, seed=seed)
     report = publish(
         producer,
@@ -138,7 +135,7 @@ def produce_synthetic(
         rate=rate,
         progress=ProgressBar(count),
     )
-    errors.raise_if_fatal()
+    producer.errors.raise_if_fatal()
     log.info(
         "produced",
         sent=report.sent,

@@ -13,6 +13,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streamer.headers import header_map
+from streamer.kafka.clients import OutputProducer
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import publish
 from tests.conftest import ROOT, Topics
@@ -81,8 +82,7 @@ def produce_synthetic(
     bootstrap: str, topic: str, count: int, seed: int
 ) -> list[LabelledTransaction]:
     events = list(SyntheticWorld(seed).generate(count))
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    report = publish(producer, topic, events)
+    report = publish(OutputProducer({"bootstrap.servers": bootstrap}), topic, events)
     assert report.acknowledged == count, report
     return events
 

@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from streamer.kafka.clients import OutputProducer
 from streamer.model.artifact import load_model
 from streamer.serde import decode_transaction, decode_verdict, encode_transaction
 from streamer.synthetic import SyntheticWorld
@@ -215,7 +215,7 @@ class TestRebalance:
         events = list(SyntheticWorld(404).generate(75_000))
         feed = threading.Thread(
             target=publish,
-            args=(Producer({"bootstrap.servers": bootstrap_servers}), topics.input, events),
+            args=(OutputProducer({"bootstrap.servers": bootstrap_servers}), topics.input, events),
             kwargs={"rate": 5_000.0},
         )
         env = scorer_env(bootstrap_servers, topics, model_path)
