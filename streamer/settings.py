@@ -161,10 +161,6 @@ class Settings(BaseSettings):
         config.update(self._common())
         return config
 
-    def tool_producer_config(self) -> dict[str, Any]:
-        """Producers of the user tools (synthetic events, test feeds)."""
-        return self.producer_config()
-
     def reader_config(self, group_id: str) -> dict[str, Any]:
         """Consumers of the user tools that read without committing (tail, demo)."""
         config = {

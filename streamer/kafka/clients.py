@@ -57,14 +57,9 @@ class ClientErrors:
             raise KafkaFatalError(f"{self._client}: {self.fatal.str()}")
 
 
-def create_consumer(
-    config: dict[str, Any], errors: ClientErrors, *, with_logger: bool = True
-) -> Consumer:
+def create_consumer(config: dict[str, Any], errors: ClientErrors) -> Consumer:
     """A consumer whose errors land in `errors` and whose logs go to the process log."""
-    config = {**config, "error_cb": errors}
-    if with_logger:
-        config["logger"] = CLIENT_LOGGER
-    return Consumer(config)
+    return Consumer({**config, "error_cb": errors, "logger": CLIENT_LOGGER})
 
 
 class OutputProducer:

@@ -26,12 +26,12 @@ from typing import Final
 
 import numpy as np
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from streamer.errors import DecodeError, StreamerError
 from streamer.headers import ERROR_STAGE, header_map
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.clients import CLIENT_LOGGER, OutputProducer, poll_batch
+from streamer.kafka.clients import ClientErrors, OutputProducer, create_consumer, poll_batch
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
@@ -68,7 +68,8 @@ class OutputReader(threading.Thread):
         self.collected = Collected()
         self._stop_event = threading.Event()
         config = settings.reader_config(group_id=f"streamer-demo-{uuid.uuid4()}")
-        self._consumer = Consumer({**config, "logger": CLIENT_LOGGER})
+        self.errors = ClientErrors("demo-reader")
+        self._consumer = create_consumer(config, self.errors)
         assignment = []
         for topic in (settings.output_topic, settings.dlq_topic):
             metadata = self._consumer.list_topics(topic, timeout=30)
@@ -152,7 +153,7 @@ def run_demo(
     reader.start()
     scorer_log = DEMO_DIR / "demo-scorer.log"
     scorer = _start_scorer(settings, scorer_log)
-    producer = OutputProducer(settings.tool_producer_config(), name="demo-producer")
+    producer = OutputProducer(settings.producer_config(), name="demo-producer")
     seed = secrets.randbelow(2**31)
     world = SyntheticWorld(seed)
     sent_at: dict[str, float] = {}
@@ -195,6 +196,7 @@ def run_demo(
         publish(producer, settings.input_topic, paced, rate=latency_rate, on_sent=remember)
         _wait_for_outputs(reader.collected, baseline + latency_count, scorer, scorer_log)
         producer.errors.raise_if_fatal()
+        reader.errors.raise_if_fatal()
     except BaseException:
         scorer.kill()
         reader.stop()

@@ -126,7 +126,7 @@ def produce_synthetic(
     settings: Settings, *, count: int, rate: float | None, seed: int
 ) -> ProduceReport:
     """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s."""
-    producer = OutputProducer(settings.tool_producer_config())
+    producer = OutputProducer(settings.producer_config())
     log.info("producing", topic=settings.input_topic, count=count, rate=rate, seed=seed)
     report = publish(
         producer,
