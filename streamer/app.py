@@ -1,14 +1,20 @@
-"""The scoring loop: poll a batch → decode → validate → score → produce → store offsets.
+"""The scoring loop: poll a batch → decode → validate → score → produce → commit offsets.
 
-At-least-once, nothing lost: an input offset is stored for commit only when the verdict or dead
-letter of that record, and of every earlier record of its partition, has been acknowledged by
-the broker (see `kafka.delivery`). Librdkafka commits stored offsets every second; on partition
-revoke and on shutdown we flush the producer and commit synchronously. A failed delivery stops
-the scorer rather than skipping the record.
+At-least-once (the default), nothing lost: an input offset is stored for commit only when the
+verdict or dead letter of that record, and of every earlier record of its partition, has been
+acknowledged by the broker (see `kafka.delivery`). Librdkafka commits stored offsets every second;
+on partition revoke and on shutdown we flush the producer and commit synchronously. A failed
+delivery stops the scorer rather than skipping the record.
+
+Exactly-once: the verdicts, dead letters and input offsets of every `transaction_interval` of
+batches are committed in one Kafka transaction (see `kafka.transactions`). An aborted transaction
+rewinds the consumer to the committed offsets, so its records are scored again; a fenced scorer
+stops. Readers with `isolation.level=read_committed` see each verdict once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Sequence
@@ -18,11 +24,12 @@ from typing import Any, Final
 
 import numpy as np
 import structlog
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamer.errors import (
     DecodeError,
     DeliveryFailedError,
+    FencedError,
     KafkaFatalError,
     RecordError,
     ScoreError,
@@ -47,7 +54,8 @@ from streamer.kafka.clients import (
     poll_batch,
     store_positions,
 )
-from streamer.kafka.delivery import DeliveryTracker
+from streamer.kafka.delivery import DeliveryFailure, DeliveryTracker
+from streamer.kafka.transactions import AbortableError, Transactions
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_transaction, encode_verdict
 from streamer.settings import Settings
@@ -61,6 +69,11 @@ JOIN_GRACE_SECONDS: Final = 60.0
 group on a freshly started broker waits for its group coordinator to load."""
 SHUTDOWN_FLUSH_SECONDS: Final = 30.0
 """How long a stop waits for outstanding acknowledgements before committing what is safe."""
+MAX_ABORTS_IN_A_ROW: Final = 5
+"""Exactly-once: transactions aborted one after another, with no commit between, before stopping."""
+_TRANSIENT_DELIVERY_ERRORS: Final = frozenset(
+    {KafkaError._MSG_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+)
 
 
 @dataclass(slots=True)
@@ -71,14 +84,10 @@ class Counters:
     verdicts: int = 0
     dead_letters: int = 0
     flagged: int = 0
+    aborted_transactions: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "consumed": self.consumed,
-            "verdicts": self.verdicts,
-            "dead_letters": self.dead_letters,
-            "flagged": self.flagged,
-        }
+        return dataclasses.asdict(self)
 
 
 class ScoringApp:
@@ -95,14 +104,22 @@ class ScoringApp:
         consumer: Consumer,
         consumer_errors: ClientErrors,
         producer: OutputProducer,
+        transactions: Transactions | None = None,
     ) -> None:
         self._settings = settings
         self._scorer = scorer
         self._consumer = consumer
         self._consumer_errors = consumer_errors
         self._producer = producer
+        self._transactions = transactions
         self._tracker = DeliveryTracker()
         self.counters = Counters()
+        # Exactly-once: the next offset to read per partition, for the open transaction; the
+        # counters as of the last commit (an abort puts them back); an error a callback raised.
+        self._positions: dict[tuple[str, int], int] = {}
+        self._committed_counters = Counters()
+        self._aborts_in_a_row = 0
+        self._callback_error: BaseException | None = None
         self._stopping = False
         self._output_topic = settings.output_topic
         self._dlq_topic = settings.dlq_topic
@@ -118,8 +135,18 @@ class ScoringApp:
     def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
         consumer_errors = ClientErrors("consumer")
         consumer = create_consumer(settings.consumer_config(), consumer_errors)
-        producer = OutputProducer(settings.producer_config())
-        return cls(settings, scorer, consumer, consumer_errors, producer)
+        if not settings.exactly_once:
+            producer = OutputProducer(settings.producer_config())
+            return cls(settings, scorer, consumer, consumer_errors, producer)
+        producer = OutputProducer(settings.producer_config(transactional=True))
+        transactions = Transactions(producer, consumer, settings.transactional_id())
+        try:
+            transactions.init()
+        except BaseException:
+            consumer.close()
+            raise
+        log.info("transactions ready", transactional_id=transactions.transactional_id)
+        return cls(settings, scorer, consumer, consumer_errors, producer, transactions)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -149,16 +176,23 @@ class ScoringApp:
         self._started = started
         next_progress = started + settings.progress_interval
         last_counters = (started, 0)
+        transactions = self._transactions
         try:
             while not self._stopping:
                 messages = poll_batch(self._consumer, settings.batch_size, settings.poll_timeout)
-                self._consumer_errors.raise_if_fatal()
+                self._raise_pending()
                 if messages:
-                    self.process(messages)
+                    if transactions is None:
+                        self.process(messages)
+                    else:
+                        self._process_in_transaction(transactions, messages)
                     last_record = time.monotonic()
                 self._producer.poll(0)
-                self._check_deliveries()
-                self._store_offsets()
+                if transactions is None:
+                    self._check_deliveries()
+                    self._store_offsets()
+                else:
+                    self._maintain_transaction(transactions)
                 now = time.monotonic()
                 if now >= next_progress:
                     last_counters = self._log_progress(now, last_counters)
@@ -167,13 +201,20 @@ class ScoringApp:
                     log.info("idle, stopping", idle_seconds=until_idle)
                     break
         except BaseException:
-            self._shutdown()
+            self._shutdown(clean=False)
             raise
         if self._stop_signal is not None:
             log.info("stop requested", signal=self._stop_signal)
-        self._shutdown()
-        self._check_deliveries()
+        self._shutdown(clean=True)
+        if transactions is None:
+            self._check_deliveries()
         return self.counters
+
+    def _raise_pending(self) -> None:
+        self._consumer_errors.raise_if_fatal()
+        error, self._callback_error = self._callback_error, None
+        if error is not None:
+            raise error
 
     def _idle_for(self, seconds: float, now: float, last_record: float) -> bool:
         """Nothing consumed for `seconds` (nor assigned since) and nothing in flight."""
@@ -181,11 +222,22 @@ class ScoringApp:
             idle_since = self._started + JOIN_GRACE_SECONDS
         else:
             idle_since = max(last_record, self._assigned_at)
-        return now - idle_since >= seconds and self._tracker.in_flight() == 0
+        in_transaction = self._transactions is not None and self._transactions.is_open
+        return now - idle_since >= seconds and self._tracker.in_flight() == 0 and not in_transaction
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, *, clean: bool) -> None:
+        """Leave nothing half-done: commit what is safe, then close the consumer.
+
+        Exactly-once after an error commits nothing: a batch may be half-produced, so its
+        transaction is aborted and the records are scored again by whoever reads them next.
+        """
         try:
-            self._flush_and_commit()
+            if self._transactions is None:
+                self._flush_and_commit()
+            elif clean:
+                self._commit_transaction(self._transactions, rewind=False)
+            else:
+                self._abort_quietly("the scorer is stopping on an error")
         finally:
             self._consumer.close()
         log.info(
@@ -317,14 +369,116 @@ class ScoringApp:
         self._producer.errors.raise_if_fatal()
         failures = self._tracker.failures
         if failures:
-            first = failures[0]
             raise DeliveryFailedError(
-                f"output for {first.topic}[{first.partition}]@{first.offset} was not delivered: "
-                f"{first.error.str()} ({len(failures)} failed); offsets stay uncommitted from there"
+                _describe_failures(failures) + "; offsets stay uncommitted from there"
             )
 
     def _store_offsets(self) -> None:
         store_positions(self._consumer, self._tracker.take_advanced())
+
+    # -- exactly-once ----------------------------------------------------------------------------
+
+    def _process_in_transaction(
+        self, transactions: Transactions, messages: Sequence[KafkaMessage]
+    ) -> None:
+        transactions.begin()
+        try:
+            self.process(messages)
+        except KafkaException as exc:
+            # Once a transaction has failed (a delivery refused, say), librdkafka refuses
+            # further records in it: abort, and read the batch again in a new transaction.
+            self._abort_and_rewind(transactions, f"producing failed: {exc}")
+            return
+        self._advance_positions(messages)
+
+    def _advance_positions(self, messages: Sequence[KafkaMessage]) -> None:
+        positions = self._positions
+        for message in messages:
+            if message.error() is None:
+                topic, partition, offset = _source(message)
+                positions[(topic, partition)] = offset + 1
+
+    def _maintain_transaction(self, transactions: Transactions) -> None:
+        """Abort at the first failed delivery; commit once the transaction is old enough."""
+        if self._tracker.failures:
+            self._abort_and_rewind(transactions, "an output was not delivered")
+        elif (
+            transactions.opened_at is not None
+            and time.monotonic() - transactions.opened_at >= self._settings.transaction_interval
+        ):
+            self._commit_transaction(transactions, rewind=True)
+
+    def _commit_transaction(self, transactions: Transactions, *, rewind: bool) -> None:
+        if not transactions.is_open:
+            return
+        # Wait for the deliveries first: a refused output shows up here, with its reason, rather
+        # than as a transaction that cannot commit.
+        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
+        if self._tracker.failures or remaining:
+            reason = f"an output was not delivered ({remaining} unacknowledged after the wait)"
+            if rewind:
+                self._abort_and_rewind(transactions, reason)
+            else:
+                self._abort(transactions, reason)
+            return
+        try:
+            transactions.commit(self._positions)
+        except AbortableError as exc:
+            if rewind:
+                self._abort_and_rewind(transactions, str(exc))
+            else:
+                self._abort(transactions, str(exc))
+            return
+        self._positions.clear()
+        self._tracker = DeliveryTracker()
+        self._aborts_in_a_row = 0
+        self._committed_counters = dataclasses.replace(self.counters)
+
+    def _abort(self, transactions: Transactions, reason: str) -> None:
+        """Abort the open transaction and forget what it did; stop if it cannot succeed."""
+        self._producer.poll(0)  # serve the delivery reports that say why, if any are queued
+        failures = self._tracker.failures
+        permanent = [f for f in failures if f.error.code() not in _TRANSIENT_DELIVERY_ERRORS]
+        transactions.abort(reason)
+        aborted = self.counters.aborted_transactions + 1
+        self.counters = dataclasses.replace(self._committed_counters, aborted_transactions=aborted)
+        self._committed_counters.aborted_transactions = aborted
+        self._positions.clear()
+        self._tracker = DeliveryTracker()
+        if permanent:
+            described = _describe_failures(permanent)
+            raise DeliveryFailedError(f"{described}; the transaction is aborted")
+        self._aborts_in_a_row += 1
+        if self._aborts_in_a_row >= MAX_ABORTS_IN_A_ROW:
+            raise KafkaFatalError(
+                f"{self._aborts_in_a_row} transactions aborted in a row, the last because: "
+                f"{reason}; stopping with nothing committed past the last good transaction"
+            )
+
+    def _abort_and_rewind(self, transactions: Transactions, reason: str) -> None:
+        self._abort(transactions, reason)
+        self._rewind()
+
+    def _abort_quietly(self, reason: str) -> None:
+        assert self._transactions is not None
+        try:
+            self._transactions.abort(reason)
+        except Exception as exc:  # already stopping on an error; that one is the one to report
+            log.error("abort failed", error=str(exc))
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return
+        committed = self._consumer.committed(assignment, timeout=30)
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        log.info(
+            "rewound to the committed offsets",
+            positions={f"{tp.topic}[{tp.partition}]": tp.offset for tp in committed},
+        )
 
     def _flush_and_commit(self, partitions: Sequence[TopicPartition] = ()) -> None:
         """Wait for outstanding outputs, then commit the safe positions of `partitions` (or all).
@@ -354,9 +508,14 @@ class ScoringApp:
         # Runs inside consume() on the main thread. Wait for the outputs of the records we read
         # from these partitions, then commit what is safe so the next owner starts after them.
         try:
-            self._flush_and_commit(partitions)
+            if self._transactions is None:
+                self._flush_and_commit(partitions)
+            else:
+                self._commit_transaction(self._transactions, rewind=False)
         except Exception as exc:  # never raise inside a librdkafka callback
             log.error("commit at revoke failed", error=repr(exc))
+            if self._transactions is not None:
+                self._callback_error = exc
         self._tracker.forget((p.topic, p.partition) for p in partitions)
         log.info("partitions revoked", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
 
@@ -364,10 +523,24 @@ class ScoringApp:
         # The group moved on without us: another member owns these now; committing would be wrong.
         self._tracker.forget((p.topic, p.partition) for p in partitions)
         log.warning("partitions lost", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
+        if self._transactions is not None:
+            # A zombie: whatever it wrote must never become visible. Abort, then stop.
+            self._abort_quietly("partitions lost")
+            self._callback_error = FencedError(
+                "the consumer group moved on without this scorer (partitions lost: it was "
+                "unresponsive past max.poll.interval.ms or session.timeout.ms); its open "
+                "transaction is aborted and nothing it wrote is visible; restart it"
+            )
 
     def _on_consumer_error(self, error: KafkaError) -> None:
         if error.fatal():
             raise KafkaFatalError(f"consumer: {error.str()}")
+        if self._transactions is not None and error.code() == KafkaError._MAX_POLL_EXCEEDED:
+            self._abort_quietly("max.poll.interval.ms exceeded")
+            raise FencedError(
+                f"consumer: {error.str()}; the group has moved on without this scorer, its open "
+                "transaction is aborted and nothing it wrote is visible; restart it"
+            )
         log.warning("consumer error", error=error.str(), code=error.name())
 
     def _log_progress(self, now: float, last: tuple[float, int]) -> tuple[float, int]:
@@ -383,6 +556,14 @@ class ScoringApp:
             **counters.as_dict(),
         )
         return now, counters.consumed
+
+
+def _describe_failures(failures: Sequence[DeliveryFailure]) -> str:
+    first = failures[0]
+    return (
+        f"output for {first.topic}[{first.partition}]@{first.offset} was not delivered: "
+        f"{first.error.str()} ({len(failures)} failed)"
+    )
 
 
 def _source(message: KafkaMessage) -> tuple[str, int, int]:

@@ -31,6 +31,13 @@ class KafkaFatalError(StreamerError):
     """A Kafka client reported an error it cannot recover from."""
 
 
+class FencedError(StreamerError):
+    """Exactly-once: another scorer took over this one's partitions or transactional id.
+
+    Whatever this process wrote in its open transaction is aborted; it must stop and be restarted.
+    """
+
+
 class RecordError(StreamerError):
     """A single record cannot be scored; it goes to the dead-letter topic with this reason."""
 

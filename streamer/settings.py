@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -36,6 +37,8 @@ _PROTECTED_KAFKA_KEYS: Final = frozenset(
         "bootstrap.servers",
     }
 )
+DEFAULT_TRANSACTION_TIMEOUT_MS: Final = 60_000
+"""librdkafka's default; `STREAMER_KAFKA_TRANSACTION_TIMEOUT_MS` changes it."""
 _KAFKA_KEY: Final = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 _SECRET_HINTS: Final = ("password", "secret", "jaas", "token", "key", "credentials")
 
@@ -91,6 +94,17 @@ class Settings(BaseSettings):
     progress_interval: float = Field(default=10.0, gt=0.0)
     """Seconds between progress log lines."""
 
+    transaction_interval: float = Field(default=0.1, gt=0.0, le=30.0)
+    """Exactly-once: seconds of consumed batches one transaction collects before it commits."""
+
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    """Exactly-once: this process's name in its transactional id, `<group_id>-<instance_id>`.
+
+    Default: `<hostname>-<pid>`. Give each process a stable one (a StatefulSet's pod name, say) so
+    a restart fences its predecessor's open transaction at once instead of after
+    `transaction.timeout.ms`; two live processes must never share one.
+    """
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
 
@@ -124,9 +138,23 @@ class Settings(BaseSettings):
         config["bootstrap.servers"] = self.bootstrap_servers
         return config
 
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly-once"
+
+    def transactional_id(self) -> str:
+        """The producer's transactional id in exactly-once mode (one per process)."""
+        instance = self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        return f"{self.group_id}-{instance}"
+
     def consumer_config(self, *, group_id: str | None = None) -> dict[str, Any]:
-        """The scorer's consumer: offsets stored by us only after the output is acknowledged."""
-        config = {
+        """The scorer's consumer.
+
+        at-least-once: offsets stored by us only after the output is acknowledged, auto-committed.
+        exactly-once: offsets are committed by the producer's transactions, never by the consumer,
+        and only committed input is read.
+        """
+        config: dict[str, Any] = {
             "group.id": group_id or self.group_id,
             "auto.offset.reset": "earliest",
             # Offsets are stored explicitly once the verdict or dead letter for a record (and
@@ -142,12 +170,19 @@ class Settings(BaseSettings):
             "session.timeout.ms": 45_000,
             "max.poll.interval.ms": 300_000,
         }
+        if self.exactly_once:
+            config["enable.auto.commit"] = False
+            config["isolation.level"] = "read_committed"
         config.update(self._common())
         return config
 
-    def producer_config(self) -> dict[str, Any]:
-        """The scorer's producer: idempotent, every replica acknowledges, small linger."""
-        config = {
+    def producer_config(self, *, transactional: bool = False) -> dict[str, Any]:
+        """The scorer's producer: idempotent, every replica acknowledges, small linger.
+
+        `transactional` (exactly-once mode) adds the transactional id; a record must then be
+        delivered within the transaction timeout, so `delivery.timeout.ms` follows it.
+        """
+        config: dict[str, Any] = {
             "enable.idempotence": True,
             "acks": "all",
             # A record the broker never acknowledges stops the scorer; it is not dropped, so give
@@ -158,7 +193,13 @@ class Settings(BaseSettings):
             "queue.buffering.max.messages": 200_000,
             "compression.type": "lz4",
         }
-        config.update(self._common())
+        common = self._common()
+        if transactional:
+            timeout = int(common.get("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS))
+            config["transactional.id"] = self.transactional_id()
+            config["transaction.timeout.ms"] = timeout
+            config["delivery.timeout.ms"] = timeout
+        config.update(common)
         return config
 
     def reader_config(self, group_id: str) -> dict[str, Any]:

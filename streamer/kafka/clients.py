@@ -97,6 +97,11 @@ class OutputProducer:
         """Wait until everything produced is acknowledged (or `timeout`); returns what remains."""
         return self._producer.flush(timeout)
 
+    @property
+    def client(self) -> Producer:
+        """The underlying producer, for the transactional calls (see `kafka.transactions`)."""
+        return self._producer
+
 
 def poll_batch(consumer: Consumer, max_records: int, timeout: float) -> list[Any]:
     """Up to `max_records` messages: what is already fetched, or else the first to arrive.

@@ -104,7 +104,7 @@ def produce_raw(
 
 
 def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Record]:
-    """Every record of `topic` up to its end offsets now (read_committed)."""
+    """Every record of `topic` up to its end offsets now (read_committed: no aborted ones)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -124,11 +124,11 @@ def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Record]:
                 assignment.append(TopicPartition(topic, partition, low))
         consumer.assign(assignment)
         records: list[Record] = []
-        done: set[int] = set()
+        remaining = dict(ends)
         deadline = time.monotonic() + timeout
-        while len(done) < len(ends):
-            assert time.monotonic() < deadline, f"timed out reading {topic}"
-            for message in consumer.consume(1000, 0.5):
+        while remaining:
+            assert time.monotonic() < deadline, f"timed out reading {topic}: {remaining}"
+            for message in consumer.consume(1000, 0.2):
                 if message.error() is not None:
                     continue
                 partition, offset = message.partition(), message.offset()
@@ -143,9 +143,30 @@ def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Record]:
                         header_map(message.headers()),
                     )
                 )
-                if offset >= ends[partition] - 1:
-                    done.add(partition)
+            # Stop on the position, not the last offset seen: a transaction's commit marker
+            # takes an offset and is never delivered.
+            positions = consumer.position(
+                [TopicPartition(topic, partition) for partition in remaining]
+            )
+            for tp in positions:
+                if tp.offset >= remaining[tp.partition]:
+                    del remaining[tp.partition]
         return records
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition → high watermark of `topic`."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4()}"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=30)
+        return {
+            partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)[
+                1
+            ]
+            for partition in metadata.topics[topic].partitions
+        }
     finally:
         consumer.close()
 

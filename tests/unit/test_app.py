@@ -166,7 +166,8 @@ class TestProcess:
         assert "exceeds the limit of 4096 bytes" in dead[2].headers["streamer.error.reason"]
         assert sum(p.topic == "fraud-verdicts" for p in producer.produced) == 5
         assert app.counters.as_dict() == {
-            "consumed": 9, "verdicts": 5, "dead_letters": 4, "flagged": app.counters.flagged
+            "consumed": 9, "verdicts": 5, "dead_letters": 4, "flagged": app.counters.flagged,
+            "aborted_transactions": 0,
         }  # fmt: skip
 
     def test_model_failure_isolates_the_record(self, scorer: Scorer) -> None:

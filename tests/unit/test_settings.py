@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from streamer.errors import ConfigError
@@ -91,3 +93,30 @@ class TestKafkaPassThrough:
         producer = settings.producer_config()
         assert producer["enable.idempotence"] is True
         assert producer["acks"] == "all"
+
+    def test_exactly_once_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """exactly-once: a transactional producer, no consumer commits, committed input only."""
+        monkeypatch.setenv("STREAMER_PROCESSING_GUARANTEE", "exactly-once")
+        monkeypatch.setenv("STREAMER_GROUP_ID", "scorers")
+        monkeypatch.setenv("STREAMER_INSTANCE_ID", "pod-0")
+        monkeypatch.setenv("STREAMER_KAFKA_TRANSACTION_TIMEOUT_MS", "20000")
+        settings = load_settings()
+        consumer = settings.consumer_config()
+        assert consumer["enable.auto.commit"] is False
+        assert consumer["isolation.level"] == "read_committed"
+        producer = settings.producer_config(transactional=True)
+        assert producer["transactional.id"] == "scorers-pod-0"
+        assert int(producer["transaction.timeout.ms"]) == 20000
+        assert producer["delivery.timeout.ms"] == 20000
+        assert "transactional.id" not in settings.producer_config()
+
+    def test_default_instance_id_is_unique_per_process(self) -> None:
+        """Without STREAMER_INSTANCE_ID the transactional id names the host and the process."""
+        transactional_id = load_settings().transactional_id()
+        assert transactional_id.startswith("streamer-")
+        assert transactional_id.endswith(f"-{os.getpid()}")
+
+    def test_instance_id_is_checked(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("STREAMER_INSTANCE_ID", "has space")
+        with pytest.raises(ConfigError, match="STREAMER_INSTANCE_ID"):
+            load_settings()
