@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration broker broker-stop clean
+.PHONY: demo test bench lint typecheck unit integration broker broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 	$(BIN)/pytest; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests"; status=0; fi; \
 	  exit $$status
+
+## bench: the performance bench on a private broker (README "Performance"); ARGS=--quick for a short run
+bench:
+	scripts/bench $(ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -1,0 +1,47 @@
+"""`scripts/bench`: the scorer measured against the raw-Kafka limit on a real broker.
+
+`python -m streamer.tools.bench run` preloads synthetic events and measures, in one run: the
+throughput of a pass-through (the limit) and of `streamer run` in both guarantee modes, end-to-end
+latency at fixed rates for both, the scorer's peak memory, scale-out to two processes, and the
+per-record cost of each hot-loop stage. `python -m streamer.tools.bench passthrough` is the limit
+itself, run as a process of its own. See `harness` for how each number is taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from streamer.errors import StreamerError
+
+
+class BenchError(StreamerError):
+    """A bench run cannot go on: a process failed, outputs went missing, a wait timed out."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """Sizes of one run; the defaults are the full bench, `QUICK` a short one for development."""
+
+    events: int = 500_000
+    partitions: int = 4
+    rates: tuple[float, ...] = (1_000.0, 5_000.0, 20_000.0)
+    latency_seconds: float = 10.0
+    warmup_seconds: float = 2.0
+    breakdown_records: int = 20_000
+    until_idle: float = 3.0
+    seed: int = 20_240_601
+    quick: bool = False
+    out_root: Path = Path("bench-results")
+    kafka_version: str = "unknown"
+
+
+QUICK: Final = BenchOptions(
+    events=50_000,
+    latency_seconds=3.0,
+    warmup_seconds=1.0,
+    breakdown_records=5_000,
+    until_idle=2.0,
+    quick=True,
+)

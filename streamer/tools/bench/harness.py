@@ -1,0 +1,514 @@
+"""The bench run: preload, then throughput, latency, memory, scale-out and the hot-loop breakdown.
+
+How each number is taken, and why:
+
+- **Preload.** `events` synthetic transactions (the `streamer produce` generator and producer) go
+  once into an input topic with `partitions` partitions. Every throughput run reads that same
+  topic from the start with a fresh consumer group and its own output topic.
+- **Throughput.** The processor runs as a process of its own, exactly as users run it
+  (`streamer run --until-idle S`; the pass-through with the same flags), and exits by itself when
+  the topic is drained. Output topics are created with `message.timestamp.type=LogAppendTime`,
+  so each output record carries the time the broker appended it, i.e. acknowledged it. Events/s
+  is outputs / (last append time - first append time): process start-up, group join and the idle
+  wait at the end are not counted, and the first batch's processing time is (a batch out of
+  hundreds or thousands). Every output is then read back (read_committed) and the source headers
+  checked: each input offset must have exactly one output, else the run fails.
+- **Memory.** Peak RSS (`VmHWM` in `/proc/<pid>/status`, polled) of each scorer process.
+- **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
+  above; the group's first rebalance is part of the window.
+- **Latency.** A fresh input topic per processor, the processor already running and caught up.
+  Per rate, one thread paces sends (in slices of at most 1 ms), stamps each send with
+  `perf_counter_ns` just before `produce`, learns the record's partition and offset from its
+  delivery report, and between sends reads the output topic; an output is joined to its send by
+  the `streamer.source.partition`/`.offset` headers both processors copy. Latency = output read -
+  send. The first `warmup_seconds` of each rate are sent but not counted.
+- **Breakdown.** `breakdown.time_hot_loop` in this process, on a quiet machine (no processor
+  running yet).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import confluent_kafka
+
+from streamer.kafka.clients import OutputProducer
+from streamer.model.scorer import Scorer
+from streamer.serde import encode_transaction
+from streamer.settings import Settings
+from streamer.synthetic import SyntheticWorld
+from streamer.tools.bench import BenchError, BenchOptions
+from streamer.tools.bench.breakdown import InputRecord, time_hot_loop
+from streamer.tools.bench.instruments import (
+    ChildProcess,
+    LatencyReader,
+    PacedRun,
+    create_topics,
+    delete_topics,
+    failed,
+    log,
+    partition_sizes,
+    read_outputs,
+)
+from streamer.tools.bench.report import (
+    PASSTHROUGH,
+    SCORER,
+    Latency,
+    Report,
+    Throughput,
+    evaluate_targets,
+    latency_percentiles,
+    plot_latency_cdfs,
+    render,
+    report_to_json,
+    stage_costs,
+)
+from streamer.tools.produce import ProgressBar, publish
+
+START_TIMEOUT: Final = 120.0
+"""Longest wait for a started processor to answer its first records (imports, model, join)."""
+DRAIN_TIMEOUT: Final = 60.0
+"""After a paced run, longest wait for the outputs still on their way."""
+LATENCY_POOL_SIZE: Final = 50_000
+"""Distinct events the latency producer cycles through (the processors keep no per-event state)."""
+FIRST_WARMUP_EVENTS: Final = 200
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """One bench run against the broker in `settings`; `run()` returns the report."""
+
+    settings: Settings
+    options: BenchOptions
+    out_dir: Path
+    model_path: Path
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    topics: list[str] = field(default_factory=list)
+    processes: list[ChildProcess] = field(default_factory=list)
+    latency_samples: dict[tuple[str, float], list[float]] = field(default_factory=dict)
+
+    def topic(self, role: str) -> str:
+        name = f"bench-{self.run_id}-{role}"
+        self.topics.append(name)
+        return name
+
+    # -- processes --
+
+    def start(
+        self,
+        kind: str,
+        *,
+        label: str,
+        input_topic: str,
+        output_topic: str,
+        dlq_topic: str,
+        group: str,
+        guarantee: str = "at-least-once",
+        until_idle: float | None = None,
+    ) -> ChildProcess:
+        """Start `streamer run` (kind `scorer`) or the pass-through with the same flags."""
+        common = [
+            "--bootstrap-servers",
+            self.settings.bootstrap_servers,
+            "--input-topic",
+            input_topic,
+            "--output-topic",
+            output_topic,
+            "--dlq-topic",
+            dlq_topic,
+            "--group-id",
+            group,
+            "--log-format",
+            "json",
+        ]
+        if until_idle is not None:
+            common += ["--until-idle", str(until_idle)]
+        if kind == SCORER:
+            command = [
+                sys.executable,
+                "-m",
+                "streamer",
+                "run",
+                "--model-path",
+                str(self.model_path),
+            ]
+        else:
+            command = [sys.executable, "-m", "streamer.tools.bench", "passthrough"]
+        # Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee is the run's own.
+        env = {**os.environ, "STREAMER_PROCESSING_GUARANTEE": guarantee}
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        process = ChildProcess(label, [*command, *common], env, logs / f"{label}.log")
+        self.processes.append(process)
+        return process
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+    # -- phases --
+
+    def preload(self) -> tuple[str, dict[int, int], dict[str, float]]:
+        """The shared input topic, filled once; returns it, its partition sizes, and timing."""
+        options = self.options
+        topic = self.topic("input")
+        create_topics(self.settings.admin_config(), [topic], partitions=options.partitions)
+        log(f"preloading {options.events:,} events into {topic} ({options.partitions} partitions)")
+        producer = OutputProducer(self.settings.producer_config(), name="bench-preload")
+        report = publish(
+            producer,
+            topic,
+            SyntheticWorld(options.seed).generate(options.events),
+            progress=ProgressBar(options.events),
+        )
+        producer.errors.raise_if_fatal()
+        if report.failed or report.acknowledged != options.events:
+            raise BenchError(
+                f"preload: {report.failed} of {report.sent} events not delivered: {report.errors}"
+            )
+        sizes = partition_sizes(self.settings, topic)
+        if sum(sizes.values()) != options.events:
+            raise BenchError(
+                f"preload: {topic} holds {sum(sizes.values())} records, not {options.events}"
+            )
+        rate = options.events / report.seconds
+        log(f"preloaded in {report.seconds:.1f} s ({rate:,.0f} events/s)")
+        return (
+            topic,
+            sizes,
+            {"events": options.events, "seconds": report.seconds, "events_per_second": rate},
+        )
+
+    def breakdown(self, scorer: Scorer) -> tuple[dict[str, float], int]:
+        """Seconds per hot-loop stage over `breakdown_records` synthetic records."""
+        settings = self.settings
+        count = self.options.breakdown_records
+        world = SyntheticWorld(self.options.seed + 1)
+        records: list[InputRecord] = [
+            (event.record["card_id"].encode(), encode_transaction(event.record), 0, offset)
+            for offset, event in enumerate(world.generate(count + settings.batch_size))
+        ]
+        size = settings.batch_size
+        batches = [records[i : i + size] for i in range(0, len(records), size)]
+        output = self.topic("breakdown")
+        create_topics(settings.admin_config(), [output], partitions=self.options.partitions)
+        producer = OutputProducer(settings.producer_config(), name="bench-breakdown")
+        kwargs: dict[str, Any] = {
+            "source_topic": "bench-breakdown-input",
+            "output_topic": output,
+            "max_event_bytes": settings.max_event_bytes,
+        }
+        # One batch first, not counted: first calls pay for imports, caches and connections.
+        time_hot_loop(batches[:1], scorer, producer, **kwargs)
+        measured = batches[1:]
+        log(f"hot-loop breakdown over {sum(map(len, measured)):,} records")
+        return time_hot_loop(measured, scorer, producer, **kwargs), sum(map(len, measured))
+
+    def throughput(
+        self,
+        kind: str,
+        input_topic: str,
+        sizes: Mapping[int, int],
+        *,
+        guarantee: str = "at-least-once",
+        processes: int = 1,
+    ) -> Throughput:
+        """One drain of the preloaded topic by `processes` processors in one group."""
+        label = f"{kind}-{guarantee}-x{processes}"
+        output, dlq = self.topic(f"{label}-out"), self.topic(f"{label}-dlq")
+        group = f"bench-{self.run_id}-{label}"
+        admin = self.settings.admin_config()
+        partitions = self.options.partitions
+        create_topics(
+            admin,
+            [output],
+            partitions=partitions,
+            config={"message.timestamp.type": "LogAppendTime"},
+        )
+        create_topics(admin, [dlq], partitions=partitions)
+        log(f"throughput: {label}")
+        started = [
+            self.start(
+                kind,
+                label=f"{label}-{index}",
+                input_topic=input_topic,
+                output_topic=output,
+                dlq_topic=dlq,
+                group=group,
+                guarantee=guarantee,
+                until_idle=self.options.until_idle,
+            )
+            for index in range(processes)
+        ]
+        timeout = START_TIMEOUT + self.options.events / 1_000
+        for process in started:
+            status = process.wait(timeout)
+            if status == 2 and guarantee == "exactly-once":
+                reason = process.error_reason()
+                log(f"{label}: not available ({reason})")
+                for other in started:
+                    other.kill()
+                return Throughput(kind, guarantee, processes, available=False, note=reason)
+            if status != 0:
+                raise failed(process, status)
+        peak = max((p.peak_rss_mb for p in started), default=math.nan)
+        cpu = sum(p.cpu_seconds or 0.0 for p in started)
+        dead_letters = sum(partition_sizes(self.settings, dlq).values())
+        if dead_letters:
+            raise BenchError(f"{label}: {dead_letters} dead letters for valid synthetic events")
+        summary = read_outputs(self.settings, output, sizes, partitions=partitions)
+        assert summary.first_ms is not None
+        assert summary.last_ms is not None
+        seconds = (summary.last_ms - summary.first_ms) / 1000
+        notes = []
+        if summary.duplicates:
+            notes.append(f"{summary.duplicates:,} duplicate outputs (at-least-once)")
+        if not summary.log_append_time:
+            notes.append("output timestamps are CreateTime, not LogAppendTime")
+        cores = usable_cores()
+        if processes > 1 and cores < processes + 1:
+            notes.append(f"{processes} processes and the broker share {cores} cores")
+        result = Throughput(
+            kind,
+            guarantee,
+            processes,
+            events=summary.count,
+            seconds=seconds,
+            peak_rss_mb=peak,
+            cpu_seconds=cpu,
+            note="; ".join(notes),
+        )
+        log(
+            f"{label}: {result.events_per_second:,.0f} events/s over {seconds:.1f} s, "
+            f"peak RSS {peak:.0f} MB, {cpu:.1f} CPU s"
+        )
+        return result
+
+    def latency(self, kind: str, pool: Sequence[tuple[bytes, bytes]]) -> list[Latency]:
+        """Start `kind` on a fresh topic, then run each paced rate; returns one result per rate."""
+        settings = self.settings
+        options = self.options
+        label = f"{kind}-latency"
+        input_topic = self.topic(f"{label}-in")
+        output = self.topic(f"{label}-out")
+        dlq = self.topic(f"{label}-dlq")
+        admin = settings.admin_config()
+        create_topics(admin, [input_topic, output, dlq], partitions=options.partitions)
+        reader = LatencyReader(settings, output, options.partitions)
+        producer = OutputProducer(settings.producer_config(), name="bench-latency")
+        process = self.start(
+            kind,
+            label=label,
+            input_topic=input_topic,
+            output_topic=output,
+            dlq_topic=dlq,
+            group=f"bench-{self.run_id}-{label}",
+        )
+        results = []
+        try:
+            log(f"latency: {kind} started (pid {process.pid}); waiting for it to answer")
+            first = PacedRun(producer, reader, input_topic, pool, process)
+            first.send(1_000.0, FIRST_WARMUP_EVENTS, warmup=FIRST_WARMUP_EVENTS)
+            first.drain(START_TIMEOUT)
+            for rate in options.rates:
+                run = PacedRun(producer, reader, input_topic, pool, process)
+                total = math.ceil(rate * (options.warmup_seconds + options.latency_seconds))
+                run.send(rate, total, warmup=math.ceil(rate * options.warmup_seconds))
+                run.drain(DRAIN_TIMEOUT)
+                samples = run.latencies_ms()
+                self.latency_samples[(kind, rate)] = samples
+                shown = latency_percentiles(samples)
+                result = Latency(
+                    processor=kind,
+                    rate=rate,
+                    achieved_rate=run.achieved_rate(),
+                    sent=run.measured_count(),
+                    received=len(samples),
+                    percentiles_ms=shown,
+                    max_ms=max(samples, default=math.nan),
+                )
+                results.append(result)
+                log(
+                    f"latency: {kind} at {rate:,.0f}/s: p50 {shown['p50']:.1f} ms, "
+                    f"p99 {shown['p99']:.1f} ms, missing {result.missing}"
+                )
+            status = process.stop()
+            if status != 0:
+                raise failed(process, status)
+        finally:
+            process.kill()
+            reader.close()
+        return results
+
+    def run(self) -> Report:
+        options = self.options
+        started_at = datetime.now(UTC)
+        clock = time.monotonic()
+        scorer = Scorer.from_path(self.model_path)
+        report = Report(
+            started_at=started_at.strftime("%Y-%m-%d %H:%M UTC"),
+            duration_seconds=math.nan,
+            quick=options.quick,
+            machine=machine_info(options.kafka_version),
+            config=self.config_snapshot(scorer),
+            preload={},
+        )
+        try:
+            input_topic, sizes, report.preload = self.preload()
+            seconds, report.breakdown_records = self.breakdown(scorer)
+            report.breakdown = stage_costs(seconds, report.breakdown_records)
+            for kind, guarantee in (
+                (PASSTHROUGH, "at-least-once"),
+                (SCORER, "at-least-once"),
+                (SCORER, "exactly-once"),
+            ):
+                report.throughput.append(
+                    self.throughput(kind, input_topic, sizes, guarantee=guarantee)
+                )
+            report.throughput.append(self.throughput(SCORER, input_topic, sizes, processes=2))
+            pool = latency_pool(options.seed + 2, min(LATENCY_POOL_SIZE, options.events))
+            for kind in (PASSTHROUGH, SCORER):
+                report.latency += self.latency(kind, pool)
+        finally:
+            self.kill_all()
+            delete_topics(self.settings.admin_config(), self.topics)
+        report.duration_seconds = time.monotonic() - clock
+        report.targets = evaluate_targets(report)
+        return report
+
+    def config_snapshot(self, scorer: Scorer) -> dict[str, Any]:
+        """What shapes the numbers (no secrets: only these client settings are shown)."""
+        options, settings = self.options, self.settings
+        producer = settings.producer_config()
+        consumer = settings.consumer_config()
+        return {
+            "events": options.events,
+            "partitions": options.partitions,
+            "rates": list(options.rates),
+            "latency_seconds": options.latency_seconds,
+            "warmup_seconds": options.warmup_seconds,
+            "until_idle_seconds": options.until_idle,
+            "seed": options.seed,
+            "batch_size": settings.batch_size,
+            "poll_timeout": settings.poll_timeout,
+            "model": {"name": scorer.name, "version": scorer.version},
+            "producer": {
+                key: str(producer[key])
+                for key in (
+                    "acks",
+                    "enable.idempotence",
+                    "linger.ms",
+                    "batch.num.messages",
+                    "compression.type",
+                )
+                if key in producer
+            },
+            "consumer": {
+                key: str(consumer[key])
+                for key in ("fetch.wait.max.ms", "fetch.min.bytes", "auto.commit.interval.ms")
+                if key in consumer
+            },
+        }
+
+
+def latency_pool(seed: int, size: int) -> list[tuple[bytes, bytes]]:
+    """Encoded (key, value) synthetic events for the paced producer to cycle through."""
+    return [
+        (event.record["card_id"].encode(), encode_transaction(event.record))
+        for event in SyntheticWorld(seed).generate(size)
+    ]
+
+
+# -- machine -------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(kafka_version: str) -> dict[str, str]:
+    """CPU, cores, memory, OS and the versions that matter for the numbers."""
+    cpu = platform.processor() or platform.machine()
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = "unknown"
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+            break
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpu": cpu,
+        "cores": str(usable_cores()),
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "confluent-kafka": version("confluent-kafka"),
+        "librdkafka": confluent_kafka.libversion()[0],
+        "kafka": kafka_version,
+        "numpy": version("numpy"),
+        "scikit-learn": version("scikit-learn"),
+        "fastavro": version("fastavro"),
+    }
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    directory: Path
+    table: str
+
+
+def run_bench(settings: Settings, options: BenchOptions, model_path: Path) -> Written:
+    """Run the bench, write report.json, report.md and latency-cdf.png; returns the table."""
+    if not model_path.exists():
+        raise BenchError(f"no model at {model_path}; run `streamer train` first")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = options.out_root / stamp
+    out_dir.mkdir(parents=True, exist_ok=False)
+    log(f"writing results to {out_dir}")
+    bench = Bench(settings, options, out_dir, model_path)
+    report = bench.run()
+    (out_dir / "report.json").write_text(
+        json.dumps(report_to_json(report), indent=2, allow_nan=False) + "\n"
+    )
+    (out_dir / "report.md").write_text(render(report, markdown=True))
+    if bench.latency_samples:
+        plot_latency_cdfs(bench.latency_samples, out_dir / "latency-cdf.png")
+    return Written(out_dir, render(report, markdown=False))

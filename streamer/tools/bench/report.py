@@ -1,0 +1,494 @@
+"""What a bench run found, judged against the targets, as a table, JSON and a latency plot.
+
+Pure functions over plain data: the harness measures, this module computes percentiles, decides
+pass or fail per target and renders. Nothing here touches Kafka; matplotlib is imported only by
+`plot_latency_cdfs` (it comes with the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+
+JSON_SCHEMA: Final = "streamer-bench/1"
+
+PERCENTILES: Final[tuple[tuple[str, float], ...]] = (
+    ("p50", 50.0),
+    ("p95", 95.0),
+    ("p99", 99.0),
+    ("p99.9", 99.9),
+)
+
+# The targets of the performance issue.
+MIN_THROUGHPUT_RATIO: Final = 0.5
+"""The scorer (at-least-once, full validation) reaches at least this share of the pass-through."""
+LATENCY_RATE: Final = 5_000.0
+"""Events/s at which the p99 of the scorer is compared with the pass-through's."""
+MAX_P99_EXCESS_MS: Final = 5.0
+"""The scorer's p99 may exceed the pass-through's by at most this many milliseconds."""
+MAX_PEAK_RSS_MB: Final = 300.0
+MIN_SCALE_OUT: Final = 1.7
+"""Two scorer processes in one group reach at least this multiple of one."""
+
+SLOW_SENDER: Final = 0.95
+"""A paced run that sent below this share of its rate gets a footnote."""
+
+PASSTHROUGH: Final = "pass-through"
+SCORER: Final = "scorer"
+
+Status = Literal["pass", "FAIL", "n/a"]
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """One throughput run over the preloaded topic."""
+
+    name: str
+    """`pass-through` or `scorer`."""
+    guarantee: str
+    processes: int
+    events: int = 0
+    """Outputs read back (each input exactly once, verified)."""
+    seconds: float = math.nan
+    """First to last output, by the output records' timestamps."""
+    peak_rss_mb: float = math.nan
+    """Largest peak RSS among the run's processes."""
+    cpu_seconds: float = math.nan
+    """User + system CPU time of the run's processes, start-up and idle wait included."""
+    available: bool = True
+    note: str = ""
+
+    @property
+    def events_per_second(self) -> float:
+        if not self.available or not self.seconds > 0:
+            return math.nan
+        return self.events / self.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """End-to-end latency of one processor at one paced rate."""
+
+    processor: str
+    rate: float
+    """Events/s asked for."""
+    achieved_rate: float
+    """Events/s actually sent during the measured window."""
+    sent: int
+    received: int
+    percentiles_ms: Mapping[str, float]
+    max_ms: float
+
+    @property
+    def missing(self) -> int:
+        return self.sent - self.received
+
+
+@dataclass(frozen=True, slots=True)
+class StageCost:
+    stage: str
+    micros_per_record: float
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    goal: str
+    measured: str
+    status: Status
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything a run measured; `targets` is filled by `evaluate_targets`."""
+
+    started_at: str
+    duration_seconds: float
+    quick: bool
+    machine: Mapping[str, str]
+    config: Mapping[str, Any]
+    preload: Mapping[str, float]
+    throughput: list[Throughput] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
+    breakdown: list[StageCost] = field(default_factory=list)
+    breakdown_records: int = 0
+    targets: list[Target] = field(default_factory=list)
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+def latency_percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    """p50, p95, p99 and p99.9 of `samples_ms`; NaN for each when there are no samples.
+
+    Nearest rank ("inverted CDF"): the smallest sample with at least q% of samples at or below
+    it, so a percentile is always a latency that was actually observed.
+    """
+    count = len(samples_ms)
+    if count == 0:
+        return {name: math.nan for name, _ in PERCENTILES}
+    ordered = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    # rank = ceil(q% of n), rounded first so that 99.9% of 1000 is 999, not 999.0000000000001.
+    ranks = {name: max(1, math.ceil(round(q * count / 100, 6))) for name, q in PERCENTILES}
+    return {name: float(ordered[rank - 1]) for name, rank in ranks.items()}
+
+
+def stage_costs(seconds_by_stage: Mapping[str, float], records: int) -> list[StageCost]:
+    """Microseconds per record and share of the total for each stage, in the given order."""
+    if records < 1:
+        raise ValueError(f"records must be at least 1, got {records}")
+    total = sum(seconds_by_stage.values())
+    return [
+        StageCost(
+            stage=stage,
+            micros_per_record=seconds / records * 1e6,
+            share=seconds / total if total > 0 else math.nan,
+        )
+        for stage, seconds in seconds_by_stage.items()
+    ]
+
+
+def parse_vm_hwm(status: str) -> int | None:
+    """Peak resident set size in bytes from the text of `/proc/<pid>/status` (None if absent)."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                unit = parts[2].lower() if len(parts) > 2 else "kb"
+                factor = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}.get(unit, 1)
+                return int(parts[1]) * factor
+    return None
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+def _find_throughput(
+    runs: Sequence[Throughput], name: str, guarantee: str, processes: int
+) -> Throughput | None:
+    for run in runs:
+        if (run.name, run.guarantee, run.processes) == (name, guarantee, processes):
+            return run
+    return None
+
+
+def _find_latency(runs: Sequence[Latency], processor: str, rate: float) -> Latency | None:
+    for run in runs:
+        if run.processor == processor and math.isclose(run.rate, rate):
+            return run
+    return None
+
+
+def _judge(ok: bool) -> Status:
+    return "pass" if ok else "FAIL"
+
+
+def evaluate_targets(report: Report) -> list[Target]:
+    """The four targets, each pass, FAIL, or n/a when the run did not measure it."""
+    runs = report.throughput
+    limit = _find_throughput(runs, PASSTHROUGH, "at-least-once", 1)
+    one = _find_throughput(runs, SCORER, "at-least-once", 1)
+    two = _find_throughput(runs, SCORER, "at-least-once", 2)
+    targets = []
+
+    goal = f">= {MIN_THROUGHPUT_RATIO:.2f} x pass-through"
+    name = "scorer throughput (at-least-once)"
+    if limit is None or one is None or not (limit.events_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        ratio = one.events_per_second / limit.events_per_second
+        targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_THROUGHPUT_RATIO)))
+
+    goal = f"<= pass-through p99 + {MAX_P99_EXCESS_MS:g} ms"
+    name = f"p99 latency at {LATENCY_RATE:,.0f}/s"
+    scorer_latency = _find_latency(report.latency, SCORER, LATENCY_RATE)
+    limit_latency = _find_latency(report.latency, PASSTHROUGH, LATENCY_RATE)
+    if scorer_latency is None or limit_latency is None:
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    elif scorer_latency.missing or limit_latency.missing:
+        lost = scorer_latency.missing + limit_latency.missing
+        targets.append(Target(name, goal, f"{lost:,} outputs missing", "FAIL"))
+    else:
+        ours = scorer_latency.percentiles_ms["p99"]
+        theirs = limit_latency.percentiles_ms["p99"]
+        excess = ours - theirs
+        targets.append(
+            Target(
+                name,
+                goal,
+                f"{ours:.1f} vs {theirs:.1f} ms ({excess:+.1f})",
+                _judge(excess <= MAX_P99_EXCESS_MS),
+            )
+        )
+
+    goal = f"<= {MAX_PEAK_RSS_MB:.0f} MB"
+    name = "scorer peak RSS"
+    peaks = [r.peak_rss_mb for r in runs if r.name == SCORER and not math.isnan(r.peak_rss_mb)]
+    if not peaks:
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        peak = max(peaks)
+        targets.append(Target(name, goal, f"{peak:.0f} MB", _judge(peak <= MAX_PEAK_RSS_MB)))
+
+    goal = f">= {MIN_SCALE_OUT:.2f} x one process"
+    name = "scale-out, 2 processes"
+    if one is None or two is None or not (one.events_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        factor = two.events_per_second / one.events_per_second
+        targets.append(Target(name, goal, f"{factor:.2f} x", _judge(factor >= MIN_SCALE_OUT)))
+    return targets
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool) -> str:
+    """A table with the first column left-aligned and the others right-aligned.
+
+    `markdown=True` gives a GitHub pipe table; otherwise aligned plain text for a terminal.
+    """
+    width = len(header)
+    for row in rows:
+        if len(row) != width:
+            raise ValueError(f"row {list(row)!r} has {len(row)} cells, the header has {width}")
+    if markdown:
+        cells = [[cell.replace("|", "\\|") for cell in row] for row in [header, *rows]]
+        rule = ["---", *["---:"] * (width - 1)]
+        lines = [cells[0], rule, *cells[1:]]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(width)]
+
+    def line(row: Sequence[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _number(value: float, digits: int = 0) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _throughput_rows(report: Report) -> list[list[str]]:
+    limit = _find_throughput(report.throughput, PASSTHROUGH, "at-least-once", 1)
+    limit_rate = limit.events_per_second if limit is not None else math.nan
+    rows = []
+    for run in report.throughput:
+        label = "pass-through (the limit)" if run.name == PASSTHROUGH else run.name
+        if not run.available:
+            rows.append(
+                [label, run.guarantee, str(run.processes), "not available", "-", "-", "-", "-"]
+            )
+            continue
+        rate = run.events_per_second
+        rows.append(
+            [
+                label,
+                run.guarantee,
+                str(run.processes),
+                _number(rate),
+                f"{rate / limit_rate:.2f}" if limit_rate > 0 else "-",
+                _number(run.seconds, 1),
+                _number(run.cpu_seconds, 1),
+                _number(run.peak_rss_mb),
+            ]
+        )
+    return rows
+
+
+def _latency_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for run in report.latency:
+        shown = [_number(run.percentiles_ms[name], 1) for name, _ in PERCENTILES]
+        rows.append(
+            [
+                run.processor,
+                _number(run.rate),
+                _number(run.achieved_rate),
+                *shown,
+                _number(run.max_ms, 1),
+                f"{run.missing:,}",
+            ]
+        )
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    heading: str
+    note: str
+    header: Sequence[str]
+    rows: list[list[str]]
+    footnotes: list[str] = field(default_factory=list)
+
+
+def _breakdown_rows(report: Report) -> list[list[str]]:
+    rows = [[c.stage, f"{c.micros_per_record:.2f}", f"{c.share:.0%}"] for c in report.breakdown]
+    if report.breakdown:
+        total = sum(c.micros_per_record for c in report.breakdown)
+        rows.append(["total", f"{total:.2f}", "100%"])
+        rows.append(["(1 core at this cost)", f"{1e6 / total:,.0f}/s", ""])
+    return rows
+
+
+def _latency_footnotes(report: Report) -> list[str]:
+    notes = []
+    for run in report.latency:
+        where = f"{run.processor} at {run.rate:,.0f}/s"
+        if run.achieved_rate < SLOW_SENDER * run.rate:
+            notes.append(f"{where}: the load generator sent only {run.achieved_rate:,.0f}/s")
+        if run.missing:
+            notes.append(
+                f"{where}: {run.missing:,} of {run.sent:,} outputs had not arrived when the bench "
+                "stopped waiting; the percentiles cover those that did"
+            )
+    return notes
+
+
+def _sections(report: Report) -> list[_Section]:
+    config = report.config
+    preload = report.preload
+    preload_note = (
+        f"; preloaded at {preload['events_per_second']:,.0f} events/s"
+        if preload.get("events_per_second")
+        else ""
+    )
+    return [
+        _Section(
+            "Throughput",
+            f"{config.get('events', 0):,} preloaded events, {config.get('partitions', '?')} "
+            "partitions; events/s from the first to the last output record (LogAppendTime); "
+            f"x limit: against the at-least-once pass-through{preload_note}",
+            [
+                "run",
+                "guarantee",
+                "processes",
+                "events/s",
+                "x limit",
+                "seconds",
+                "CPU s",
+                "peak RSS MB",
+            ],
+            _throughput_rows(report),
+            [
+                f"{run.name} {run.guarantee} x{run.processes}: {run.note}"
+                for run in report.throughput
+                if run.note
+            ],
+        ),
+        _Section(
+            "Latency",
+            "end to end in ms, producer send to output read; each rate "
+            f"{config.get('latency_seconds', '?')} s after a {config.get('warmup_seconds', '?')}"
+            " s warm-up",
+            ["processor", "rate/s", "sent/s", *[n for n, _ in PERCENTILES], "max", "missing"],
+            _latency_rows(report),
+            _latency_footnotes(report),
+        ),
+        _Section(
+            "Hot loop cost per record",
+            f"{report.breakdown_records:,} records in batches of "
+            f"{config.get('batch_size', '?')}, in process, wall time per stage",
+            ["stage", "us/record", "share"],
+            _breakdown_rows(report),
+        ),
+        _Section(
+            "Targets",
+            "",
+            ["target", "goal", "measured", "result"],
+            [[t.name, t.goal, t.measured, t.status] for t in report.targets],
+        ),
+    ]
+
+
+def render(report: Report, *, markdown: bool) -> str:
+    """The whole report as text (terminal) or markdown, in sections."""
+    title = (
+        f"streamer bench, {report.started_at}"
+        f" ({'quick run, ' if report.quick else ''}{report.duration_seconds:.0f} s)"
+    )
+    machine_line = ", ".join(f"{key} {value}" for key, value in report.machine.items())
+    if markdown:
+        parts = [f"# {title}", "", f"Machine: {machine_line}"]
+        for section in _sections(report):
+            parts += ["", f"## {section.heading}", ""]
+            if section.note:
+                parts += [section.note, ""]
+            parts.append(format_table(section.header, section.rows, markdown=True))
+            if section.footnotes:
+                parts += ["", *(f"- {line}" for line in section.footnotes)]
+        return "\n".join(parts) + "\n"
+    parts = [title, f"machine: {machine_line}"]
+    for section in _sections(report):
+        parts += ["", f"{section.heading}{': ' + section.note if section.note else ''}"]
+        parts.append(format_table(section.header, section.rows, markdown=False))
+        parts += [f"  * {line}" for line in section.footnotes]
+    return "\n".join(parts) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None, recursively: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    """The report as strict-JSON-ready data (no NaN), with derived rates included."""
+    data = asdict(report)
+    for run, shown in zip(report.throughput, data["throughput"], strict=True):
+        shown["events_per_second"] = run.events_per_second
+    for latency, shown in zip(report.latency, data["latency"], strict=True):
+        shown["missing"] = latency.missing
+    shown_breakdown = data.pop("breakdown")
+    data["breakdown"] = {
+        "records": data.pop("breakdown_records"),
+        "stages": shown_breakdown,
+        "total_micros_per_record": sum(c.micros_per_record for c in report.breakdown),
+    }
+    result: dict[str, Any] = _finite({"schema": JSON_SCHEMA, **data})
+    return result
+
+
+def plot_latency_cdfs(samples: Mapping[tuple[str, float], Sequence[float]], path: Path) -> None:
+    """One panel per rate, a CDF line per processor, latency on a log axis; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({rate for _, rate in samples})
+    if not rates:
+        raise ValueError("no latency samples to plot")
+    figure, axes = plt.subplots(
+        1, len(rates), figsize=(4.2 * len(rates), 3.6), sharey=True, squeeze=False
+    )
+    for axis, rate in zip(axes[0], rates, strict=True):
+        for processor in (PASSTHROUGH, SCORER):
+            values = np.sort(np.asarray(samples.get((processor, rate), ()), dtype=np.float64))
+            if len(values) == 0:
+                continue
+            fraction = np.arange(1, len(values) + 1) / len(values)
+            axis.plot(values, fraction, label=processor, linewidth=1.4)
+        axis.set_xscale("log")
+        axis.set_title(f"{rate:,.0f} events/s")
+        axis.set_xlabel("end-to-end latency (ms)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.axhline(0.99, color="grey", linewidth=0.6, linestyle="--")
+    axes[0][0].set_ylabel("fraction of events")
+    axes[0][0].legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

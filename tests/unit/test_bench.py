@@ -1,0 +1,365 @@
+"""The bench's pure parts: percentiles, stage costs, targets, tables, JSON, flags, processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from streamer.tools.bench import QUICK, BenchError, BenchOptions
+from streamer.tools.bench.__main__ import build_parser, options_from, parse_rates
+from streamer.tools.bench.instruments import ChildProcess, source_of
+from streamer.tools.bench.report import (
+    PASSTHROUGH,
+    SCORER,
+    Latency,
+    Report,
+    StageCost,
+    Throughput,
+    evaluate_targets,
+    format_table,
+    latency_percentiles,
+    plot_latency_cdfs,
+    render,
+    report_to_json,
+    stage_costs,
+)
+
+
+def latency(processor: str, rate: float, p99: float, *, missing: int = 0) -> Latency:
+    return Latency(
+        processor=processor,
+        rate=rate,
+        achieved_rate=rate,
+        sent=1000,
+        received=1000 - missing,
+        percentiles_ms={"p50": p99 / 2, "p95": p99 * 0.9, "p99": p99, "p99.9": p99 * 1.5},
+        max_ms=p99 * 2,
+    )
+
+
+def make_report(
+    *,
+    limit: float = 100_000.0,
+    one: float = 60_000.0,
+    two: float = 110_000.0,
+    scorer_p99: float = 12.0,
+    limit_p99: float = 9.0,
+    rss: float = 180.0,
+    exactly_once: bool = True,
+) -> Report:
+    """A report of a run that took 10 s per throughput run and measured every target."""
+    report = Report(
+        started_at="2026-01-01 00:00 UTC",
+        duration_seconds=300.0,
+        quick=False,
+        machine={"cpu": "Test CPU", "cores": "2"},
+        config={"events": 500_000, "partitions": 4, "batch_size": 500},
+        preload={"events": 500_000, "seconds": 5.0, "events_per_second": 100_000.0},
+    )
+    report.throughput = [
+        Throughput(PASSTHROUGH, "at-least-once", 1, int(limit * 10), 10.0, 400.0, 3.0),
+        Throughput(SCORER, "at-least-once", 1, int(one * 10), 10.0, rss, 12.0),
+        Throughput(SCORER, "exactly-once", 1, int(one * 8), 10.0, rss - 10, 12.0)
+        if exactly_once
+        else Throughput(SCORER, "exactly-once", 1, available=False, note="refused"),
+        Throughput(SCORER, "at-least-once", 2, int(two * 10), 10.0, rss - 20, 20.0),
+    ]
+    report.latency = [
+        latency(PASSTHROUGH, 5_000.0, limit_p99),
+        latency(SCORER, 5_000.0, scorer_p99),
+    ]
+    report.breakdown = stage_costs({"decode": 0.5, "predict": 1.5}, 100_000)
+    report.breakdown_records = 100_000
+    report.targets = evaluate_targets(report)
+    return report
+
+
+def statuses(report: Report) -> list[str]:
+    return [target.status for target in report.targets]
+
+
+class TestLatencyPercentiles:
+    def test_nearest_rank(self) -> None:
+        """Each percentile is an observed sample: the smallest with q% at or below it."""
+        shown = latency_percentiles([float(v) for v in range(1, 1001)])
+        assert shown == {"p50": 500.0, "p95": 950.0, "p99": 990.0, "p99.9": 999.0}
+
+    def test_order_of_samples_does_not_matter(self) -> None:
+        """Samples arrive in send order, not sorted."""
+        assert latency_percentiles([5.0, 1.0, 3.0, 2.0, 4.0])["p50"] == 3.0
+
+    def test_tail_is_not_interpolated(self) -> None:
+        """With 10 samples, p99 and p99.9 are the largest one, not a blend."""
+        shown = latency_percentiles([1.0] * 9 + [100.0])
+        assert shown["p99"] == 100.0
+        assert shown["p99.9"] == 100.0
+        assert shown["p50"] == 1.0
+
+    def test_no_samples(self) -> None:
+        """Nothing measured gives NaN, not zero."""
+        assert all(math.isnan(v) for v in latency_percentiles([]).values())
+
+
+class TestStageCosts:
+    def test_micros_per_record_and_shares(self) -> None:
+        costs = stage_costs({"decode": 0.25, "predict": 0.75}, 50_000)
+        assert costs == [StageCost("decode", 5.0, 0.25), StageCost("predict", 15.0, 0.75)]
+
+    def test_records_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="records"):
+            stage_costs({"decode": 1.0}, 0)
+
+
+class TestEvaluateTargets:
+    def test_all_pass(self) -> None:
+        report = make_report()
+        assert [t.name for t in report.targets] == [
+            "scorer throughput (at-least-once)",
+            "p99 latency at 5,000/s",
+            "scorer peak RSS",
+            "scale-out, 2 processes",
+        ]
+        assert statuses(report) == ["pass"] * 4
+
+    def test_throughput_ratio_below_half_fails(self) -> None:
+        report = make_report(limit=100_000.0, one=40_000.0, two=80_000.0)
+        assert report.targets[0].status == "FAIL"
+        assert report.targets[0].measured == "0.40 x"
+
+    def test_p99_more_than_5_ms_over_the_limit_fails(self) -> None:
+        report = make_report(scorer_p99=14.5, limit_p99=9.0)
+        assert report.targets[1].status == "FAIL"
+        assert "+5.5" in report.targets[1].measured
+
+    def test_p99_exactly_5_ms_over_passes(self) -> None:
+        assert make_report(scorer_p99=14.0, limit_p99=9.0).targets[1].status == "pass"
+
+    def test_missing_outputs_fail_the_latency_target(self) -> None:
+        """A percentile over the outputs that did arrive would flatter an overloaded scorer."""
+        report = make_report()
+        report.latency[1] = latency(SCORER, 5_000.0, 3.0, missing=7)
+        [target] = [t for t in evaluate_targets(report) if t.name.startswith("p99")]
+        assert target.status == "FAIL"
+        assert "7 outputs missing" in target.measured
+
+    def test_latency_not_measured_at_5000(self) -> None:
+        report = make_report()
+        report.latency = [latency(PASSTHROUGH, 1_000.0, 5.0), latency(SCORER, 1_000.0, 6.0)]
+        assert evaluate_targets(report)[1].status == "n/a"
+
+    def test_peak_rss_is_the_largest_scorer_process(self) -> None:
+        """The pass-through's memory does not count; any scorer run over 300 MB fails."""
+        report = make_report(rss=301.0)
+        assert report.targets[2].status == "FAIL"
+        assert report.targets[2].measured == "301 MB"
+        assert make_report(rss=300.0).targets[2].status == "pass"
+
+    def test_scale_out_below_1_7_fails(self) -> None:
+        report = make_report(one=60_000.0, two=90_000.0)
+        assert report.targets[3].status == "FAIL"
+        assert report.targets[3].measured == "1.50 x"
+
+    def test_exactly_once_not_available_leaves_targets_alone(self) -> None:
+        assert statuses(make_report(exactly_once=False)) == ["pass"] * 4
+
+    def test_nothing_measured(self) -> None:
+        report = make_report()
+        report.throughput, report.latency = [], []
+        assert [t.status for t in evaluate_targets(report)] == ["n/a"] * 4
+
+
+class TestThroughput:
+    def test_events_per_second(self) -> None:
+        assert Throughput(SCORER, "at-least-once", 1, 50_000, 2.5).events_per_second == 20_000
+
+    def test_not_available_has_no_rate(self) -> None:
+        run = Throughput(SCORER, "exactly-once", 1, available=False, note="refused")
+        assert math.isnan(run.events_per_second)
+
+
+class TestFormatTable:
+    def test_text_aligns_first_column_left_and_the_rest_right(self) -> None:
+        table = format_table(
+            ["run", "events/s"], [["a", "1"], ["longer", "100,000"]], markdown=False
+        )
+        assert table.splitlines() == [
+            "run     events/s",
+            "------  --------",
+            "a              1",
+            "longer   100,000",
+        ]
+
+    def test_markdown_pipe_table(self) -> None:
+        table = format_table(["run", "x"], [["a|b", "1"]], markdown=True)
+        assert table.splitlines() == ["| run | x |", "| --- | ---: |", "| a\\|b | 1 |"]
+
+    def test_row_of_the_wrong_width_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="2 cells"):
+            format_table(["a", "b", "c"], [["1", "2"]], markdown=False)
+
+
+class TestRender:
+    def test_text_has_every_section_and_the_verdicts(self) -> None:
+        text = render(make_report(exactly_once=False), markdown=False)
+        for heading in ("Throughput", "Latency", "Hot loop cost per record", "Targets"):
+            assert f"\n{heading}" in text
+        assert "not available" in text
+        assert "scorer exactly-once x1: refused" in text
+        assert "pass-through (the limit)" in text
+        assert "Test CPU" in text
+
+    def test_latency_footnotes(self) -> None:
+        """A slow load generator and outputs that never came are said, not hidden."""
+        report = make_report()
+        slow = latency(SCORER, 20_000.0, 40.0, missing=12)
+        report.latency.append(replace(slow, achieved_rate=15_000.0))
+        text = render(report, markdown=False)
+        assert "scorer at 20,000/s: the load generator sent only 15,000/s" in text
+        assert "scorer at 20,000/s: 12 of 1,000 outputs had not arrived" in text
+        assert "at 5,000/s: the load generator" not in text
+
+    def test_markdown_has_headings_and_tables(self) -> None:
+        text = render(make_report(), markdown=True)
+        assert text.startswith("# streamer bench")
+        assert "## Targets" in text
+        assert "| scorer peak RSS | <= 300 MB | 180 MB | pass |" in text
+
+
+class TestReportJson:
+    def test_shape(self) -> None:
+        data = report_to_json(make_report())
+        assert data["schema"] == "streamer-bench/1"
+        assert set(data) >= {
+            "started_at",
+            "duration_seconds",
+            "machine",
+            "config",
+            "preload",
+            "throughput",
+            "latency",
+            "breakdown",
+            "targets",
+        }
+        assert data["throughput"][0]["events_per_second"] == pytest.approx(100_000.0)
+        assert data["latency"][1]["percentiles_ms"]["p99"] == 12.0
+        assert data["latency"][1]["missing"] == 0
+        assert data["breakdown"]["records"] == 100_000
+        assert data["breakdown"]["total_micros_per_record"] == pytest.approx(20.0)
+        assert data["targets"][0] == {
+            "name": "scorer throughput (at-least-once)",
+            "goal": ">= 0.50 x pass-through",
+            "measured": "0.60 x",
+            "status": "pass",
+        }
+
+    def test_strict_json_without_nan(self) -> None:
+        """An unavailable run's NaNs become null, so any JSON reader can load the file."""
+        data = report_to_json(make_report(exactly_once=False))
+        text = json.dumps(data, allow_nan=False)
+        unavailable = json.loads(text)["throughput"][2]
+        assert unavailable["available"] is False
+        assert unavailable["events_per_second"] is None
+        assert unavailable["seconds"] is None
+
+
+class TestPlot:
+    def test_writes_a_png(self, tmp_path: Path) -> None:
+        pytest.importorskip("matplotlib")
+        path = tmp_path / "cdf.png"
+        samples = {
+            (PASSTHROUGH, 1_000.0): [1.0, 2.0, 3.0],
+            (SCORER, 1_000.0): [2.0, 3.0, 9.0],
+            (SCORER, 5_000.0): [4.0],
+        }
+        plot_latency_cdfs(samples, path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_nothing_to_plot(self, tmp_path: Path) -> None:
+        pytest.importorskip("matplotlib")
+        with pytest.raises(ValueError, match="no latency samples"):
+            plot_latency_cdfs({}, tmp_path / "cdf.png")
+
+
+class TestFlags:
+    def test_rates(self) -> None:
+        assert parse_rates("1000, 5000,20000") == (1000.0, 5000.0, 20000.0)
+
+    @pytest.mark.parametrize("text", ["", "1000,", "fast", "0", "-5", "inf", "nan"])
+    def test_bad_rates(self, text: str) -> None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_rates(text)
+
+    def test_defaults_are_the_full_bench(self) -> None:
+        options = options_from(build_parser().parse_args(["run"]))
+        assert options == BenchOptions()
+        assert options.events >= 500_000
+        assert options.partitions >= 4
+
+    def test_quick_then_flags(self) -> None:
+        args = build_parser().parse_args(["run", "--quick", "--events", "1234", "--rates", "10"])
+        assert options_from(args) == replace(QUICK, events=1234, rates=(10.0,))
+
+    def test_bad_flag_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["run", "--events", "0"])
+        assert exit_info.value.code == 2
+        assert "must be at least 1" in capsys.readouterr().err
+
+
+class TestSourceOf:
+    def test_reads_partition_and_offset(self) -> None:
+        headers = [
+            ("streamer.source.topic", b"t"),
+            ("streamer.source.partition", b"3"),
+            ("streamer.source.offset", b"1234"),
+        ]
+        assert source_of(headers) == (3, 1234)
+
+    def test_missing_header(self) -> None:
+        assert source_of([("streamer.source.partition", b"3")]) is None
+        assert source_of(None) is None
+
+
+class TestChildProcess:
+    def test_exit_status_peak_rss_and_cpu(self, tmp_path: Path) -> None:
+        """Reaped with wait4: the child's own peak RSS (here > 64 MB touched) and CPU time."""
+        code = "b = bytearray(64 * 1024 * 1024); import sys; sys.exit(3)"
+        child = ChildProcess("child", [sys.executable, "-c", code], {}, tmp_path / "c.log")
+        assert child.wait(60) == 3
+        assert child.peak_rss_mb > 64
+        assert child.cpu_seconds is not None
+        assert child.cpu_seconds > 0
+
+    def test_wait_past_the_timeout_kills_and_fails(self, tmp_path: Path) -> None:
+        command = [
+            sys.executable,
+            "-c",
+            "print('started', flush=True); import time; time.sleep(60)",
+        ]
+        child = ChildProcess("sleeper", command, {}, tmp_path / "s.log")
+        with pytest.raises(BenchError, match="sleeper did not finish"):
+            child.wait(0.5)
+        assert child.exit_status() is not None
+
+    def test_stop_sends_sigterm(self, tmp_path: Path) -> None:
+        command = [sys.executable, "-c", "import time; time.sleep(60)"]
+        child = ChildProcess("sleeper", command, {}, tmp_path / "s.log")
+        assert child.stop() == -15
+
+    def test_error_reason_is_the_last_logged_error(self, tmp_path: Path) -> None:
+        lines = [
+            {"level": "info", "event": "starting"},
+            {"level": "error", "event": "invalid configuration", "error": "exactly-once: no"},
+            {"level": "info", "event": "bye"},
+        ]
+        code = "import sys; sys.stdout.write(sys.argv[1])"
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        child = ChildProcess("cli", [sys.executable, "-c", code, text], {}, tmp_path / "e.log")
+        assert child.wait(60) == 0
+        assert child.error_reason() == "exactly-once: no"
