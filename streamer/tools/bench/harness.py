@@ -10,10 +10,11 @@ How each number is taken, and why:
   the topic is drained. Output topics are created with `message.timestamp.type=LogAppendTime`,
   so each output record carries the time the broker appended it, i.e. acknowledged it. Events/s
   is outputs / (last append time - first append time): process start-up, group join and the idle
-  wait at the end are not counted, and the first batch's processing time is (a batch out of
-  hundreds or thousands). Every output is then read back (read_committed) and the source headers
-  checked: each input offset must have exactly one output, else the run fails.
-- **Memory.** Peak RSS (`VmHWM` in `/proc/<pid>/status`, polled) of each scorer process.
+  wait at the end are left out; so is the time to process the first batch, one batch of
+  hundreds. Every output is then read back (read_committed) and its source headers checked: an
+  input without an output fails the run; duplicates (at-least-once allows them) are counted.
+- **Memory and CPU.** Each process is reaped with `os.wait4`, whose resource usage gives its
+  peak RSS (`ru_maxrss`) and its user + system CPU time, exactly.
 - **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
   above; the group's first rebalance is part of the window.
 - **Latency.** A fresh input topic per processor, the processor already running and caught up.

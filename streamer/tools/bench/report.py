@@ -154,18 +154,6 @@ def stage_costs(seconds_by_stage: Mapping[str, float], records: int) -> list[Sta
     ]
 
 
-def parse_vm_hwm(status: str) -> int | None:
-    """Peak resident set size in bytes from the text of `/proc/<pid>/status` (None if absent)."""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                unit = parts[2].lower() if len(parts) > 2 else "kb"
-                factor = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}.get(unit, 1)
-                return int(parts[1]) * factor
-    return None
-
-
 # -- targets -------------------------------------------------------------------------------------
 
 
