@@ -1,7 +1,7 @@
 """The `streamer` command: parse flags, build Settings once, call one function per command.
 
-Exit status: 0 success, 1 a runtime failure (Kafka, delivery), 2 bad usage or configuration,
-3 a refused model.
+Exit status: 0 success, 1 a runtime failure (Kafka, delivery) or what `streamer audit` reports
+as a failure, 2 bad usage or configuration, 3 a refused model.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -38,6 +39,42 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _timestamp_ms(text: str) -> int:
+    """A time given as ISO-8601 (UTC unless it has an offset) or as epoch milliseconds → ms."""
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO-8601 time (2024-05-01T12:00:00Z) or epoch milliseconds: {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+_TIME_HELP = "ISO-8601 (UTC unless an offset is given) or epoch milliseconds"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +148,114 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--latency-count", type=_positive_int, default=6_000)
     demo.add_argument("--model-path", type=Path)
+
+    audit = commands.add_parser(
+        "audit",
+        help="reconcile the input topic with its verdicts and dead letters",
+        description=(
+            "Read the input topic, the verdict topic and the dead-letter topic (read committed) up "
+            "to their end offsets at the start, and check that every input record has exactly "
+            "one output, by the streamer.source.* headers. Reports inputs, verdicts, dead "
+            "letters, missing inputs (no output), duplicates (more than one output, and the extra "
+            "outputs), orphans (outputs naming no input record) and outputs outside the audited "
+            "range, per partition, with sample offsets."
+        ),
+        epilog=(
+            "exit status: 0 clean; 1 an input has no output, or has several and "
+            "--expect exactly-once is given, or a topic could not be read to its end in time; "
+            "2 bad usage or configuration"
+        ),
+    )
+    _add_common(audit)
+    audit.add_argument(
+        "--since",
+        type=_timestamp_ms,
+        metavar="TIME",
+        help=f"audit input records from the first one at or after TIME ({_TIME_HELP})",
+    )
+    audit.add_argument(
+        "--until",
+        type=_timestamp_ms,
+        metavar="TIME",
+        help="audit input records before the first one at or after TIME",
+    )
+    audit.add_argument(
+        "--expect",
+        choices=["at-least-once", "exactly-once"],
+        default="at-least-once",
+        help="exactly-once also fails on duplicates (default: at-least-once)",
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    audit.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on a partition that makes no progress for this long, e.g. held back by "
+        "an open transaction (default 30)",
+    )
+
+    dlq = commands.add_parser("dlq", help="work with the dead-letter topic")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    replay = dlq_commands.add_parser(
+        "replay",
+        help="re-publish dead letters to the input topic",
+        description=(
+            "Re-publish dead letters to the input topic with their original key and value "
+            "bytes, so that a fixed upstream or a new model processes them again. Each replay "
+            "carries streamer.replay.of (<dlq topic>/<partition>/<offset>), "
+            "streamer.replay.source (the original input record) and the dead letter's stage and "
+            "reason as streamer.replay.stage and streamer.replay.reason. The dead-letter topic is "
+            "read (read committed) up to its end offsets at the start, partition after "
+            "partition, oldest first. Prints how many were replayed per stage."
+        ),
+        epilog=(
+            "exit status: 0 every replay acknowledged by the broker; 1 a replay was not "
+            "(each is named on stderr); 2 bad usage or configuration"
+        ),
+    )
+    _add_common(replay)
+    replay.add_argument(
+        "--stage",
+        action="append",
+        choices=["decode", "validate", "score"],
+        help="only dead letters of this stage (repeatable; default: every stage)",
+    )
+    replay.add_argument(
+        "--since",
+        type=_timestamp_ms,
+        metavar="TIME",
+        help=f"only dead letters written at or after TIME ({_TIME_HELP})",
+    )
+    replay.add_argument(
+        "--until", type=_timestamp_ms, metavar="TIME", help="only dead letters written before TIME"
+    )
+    replay.add_argument(
+        "--partition", type=_non_negative_int, help="only this partition of the dead-letter topic"
+    )
+    replay.add_argument(
+        "--from-offset",
+        type=_non_negative_int,
+        metavar="OFFSET",
+        help="with --partition: first offset (inclusive)",
+    )
+    replay.add_argument(
+        "--to-offset",
+        type=_non_negative_int,
+        metavar="OFFSET",
+        help="with --partition: last offset (inclusive)",
+    )
+    replay.add_argument("--limit", type=_positive_int, help="replay at most this many")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print what would be replayed; send nothing"
+    )
+    replay.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on a partition that makes no progress for this long (default 30)",
+    )
     return parser
 
 
@@ -253,6 +398,36 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.tools.audit import run_audit
+
+    return run_audit(
+        settings,
+        since_ms=args.since,
+        until_ms=args.until,
+        expect=args.expect,
+        timeout=args.timeout,
+        as_json=args.json,
+        out=sys.stdout,
+    )
+
+
+def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.tools.dlq import ReplayFilter, run_replay
+
+    selection = ReplayFilter(
+        stages=frozenset(args.stage or ()),
+        since_ms=args.since,
+        until_ms=args.until,
+        partition=args.partition,
+        from_offset=args.from_offset,
+        to_offset=args.to_offset,
+    )
+    return run_replay(
+        settings, selection, limit=args.limit, dry_run=args.dry_run, timeout=args.timeout
+    )
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": _run,
     "train": _train,
@@ -260,4 +435,6 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "tail": _tail,
     "topics": _topics,
     "demo": _demo,
+    "audit": _audit,
+    "dlq": _dlq,
 }

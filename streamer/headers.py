@@ -1,4 +1,4 @@
-"""Kafka header names on verdicts and dead letters (values are UTF-8 text)."""
+"""Kafka header names on verdicts, dead letters and replayed records (values are UTF-8 text)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ ERROR_CLASS: Final = "streamer.error.class"
 ERROR_CAUSE: Final = "streamer.error.cause"
 """The underlying exception, `Class: message`, when there is one (dead letters only)."""
 CONSUMER_GROUP: Final = "streamer.consumer.group"
+
+REPLAY_OF: Final = "streamer.replay.of"
+"""On a record `streamer dlq replay` put back on the input topic: the dead letter it copies,
+`<dlq topic>/<partition>/<offset>`."""
+REPLAY_SOURCE: Final = "streamer.replay.source"
+"""The input record the dead letter was made from, `<topic>/<partition>/<offset>` (from the dead
+letter's `streamer.source.*` headers; absent when it had none)."""
+REPLAY_STAGE: Final = "streamer.replay.stage"
+"""The dead letter's `streamer.error.stage`, carried over."""
+REPLAY_REASON: Final = "streamer.replay.reason"
+"""The dead letter's `streamer.error.reason`, carried over."""
 
 Headers = list[tuple[str, str | bytes | None]]
 """Headers as the Kafka client takes them."""
