@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fault: the fault suite (crashes, broker failures, hostile input), reconciled by "
+        "`streamer audit`; short form here, long form with scripts/fault",
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
