@@ -1,15 +1,19 @@
 """Transaction and Verdict: the two messages, as pydantic models, with the domain rules.
 
 `Transaction` states every rule an input event must meet; `validate_transaction` applies them to
-a decoded record and turns a failure into one human-readable reason. Timestamps are integer
-milliseconds since the epoch (UTC), as on the wire.
+a decoded record and turns a failure into one human-readable reason. `screen_transactions` checks
+a whole batch against the same rules column by column, for the scoring loop, and names the few
+records that need `validate_transaction`. Timestamps are integer milliseconds since the epoch
+(UTC), as on the wire.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final
 
+import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,6 +52,8 @@ MAX_AMOUNT: Final = 10_000_000.0
 
 MAX_ID_LENGTH: Final = 128
 
+MAX_CATEGORY_LENGTH: Final = 64
+
 _Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 _Millis = Annotated[int, Field(ge=0)]
 
@@ -61,7 +67,7 @@ class Transaction(BaseModel):
     event_time: _Millis
     card_id: _Id
     merchant_id: _Id
-    merchant_category: Annotated[str, Field(min_length=1, max_length=64)]
+    merchant_category: Annotated[str, Field(min_length=1, max_length=MAX_CATEGORY_LENGTH)]
     amount: Annotated[float, Field(ge=0.0, le=MAX_AMOUNT, allow_inf_nan=False)]
     currency: str
     country: str
@@ -139,3 +145,88 @@ def describe_validation_error(exc: pydantic.ValidationError) -> str:
             shown = shown[:77] + "..."
         parts.append(f"{field}: {message} (got {shown})")
     return "; ".join(parts)
+
+
+_FIELDS: Final = frozenset(Transaction.model_fields)
+_NONE_TYPE: Final = type(None)
+_VALUE_TYPES: Final[tuple[tuple[str, frozenset[type]], ...]] = (
+    ("event_time", frozenset({int})),
+    ("amount", frozenset({float})),
+    ("card_present", frozenset({bool})),
+    ("card_avg_amount", frozenset({float, _NONE_TYPE})),
+)
+"""Fields whose value checks below would pass a value of another type (True for 1, 3 for 3.0),
+with the exact types the Avro decoder gives them."""
+_LENGTH_LIMITS: Final = (
+    ("transaction_id", MAX_ID_LENGTH),
+    ("card_id", MAX_ID_LENGTH),
+    ("merchant_id", MAX_ID_LENGTH),
+    ("merchant_category", MAX_CATEGORY_LENGTH),
+)
+_KNOWN_CODES: Final[tuple[tuple[str, frozenset[str | None]], ...]] = (
+    ("currency", frozenset(CURRENCIES)),
+    ("country", frozenset(COUNTRIES)),
+    ("channel", frozenset(CHANNELS)),
+    ("card_country", frozenset({*COUNTRIES, None})),
+)
+
+
+def screen_transactions(
+    columns: Mapping[str, Sequence[Any]], keys: Sequence[bytes | None]
+) -> list[int]:
+    """Indexes of the records that may break a rule; every other record meets all of them.
+
+    The batch counterpart of `validate_transaction`, for the hot path: `columns` maps each field
+    of `Transaction` to one value per record, `keys` holds the message keys. A few whole-column
+    passes (set inclusion, min and max, numpy comparisons) check every rule; only a column that
+    fails one is looked at record by record. A record it does not name would pass
+    `validate_transaction`; a record it names need not fail it: call `validate_transaction` on
+    those for the verdict and the reason. Columns that are not exactly the fields of
+    `Transaction`, or values of another type than the Avro decoder gives (an int for a float or
+    a bool, bytes for a str), make every record suspect.
+    """
+    count = len(keys)
+    if count == 0:
+        return []
+    every = list(range(count))
+    if columns.keys() != _FIELDS or any(len(column) != count for column in columns.values()):
+        return every
+    for name, types in _VALUE_TYPES:
+        if not types.issuperset(map(type, columns[name])):
+            return every
+    suspect: set[int] = set()
+    for name, limit in _LENGTH_LIMITS:
+        column = columns[name]
+        try:
+            "".join(column)  # the cheapest proof that every value is a str, as pydantic wants
+        except TypeError:
+            return every
+        lengths = list(map(len, column))
+        if min(lengths) < 1 or max(lengths) > limit:
+            suspect.update(i for i, length in enumerate(lengths) if not 1 <= length <= limit)
+    for name, known in _KNOWN_CODES:  # only a str (or None) can be in these sets
+        column = columns[name]
+        try:
+            if not known.issuperset(column):
+                suspect.update(i for i, code in enumerate(column) if code not in known)
+        except TypeError:  # an unhashable value: certainly not a str
+            return every
+    event_times = columns["event_time"]
+    if min(event_times) < 0:
+        suspect.update(i for i, millis in enumerate(event_times) if millis < 0)
+    amounts = np.array(columns["amount"], dtype=np.float64)
+    # NaN fails both comparisons, infinity the second.
+    suspect.update(np.flatnonzero(~((amounts >= 0.0) & (amounts <= MAX_AMOUNT))).tolist())
+    averages = columns["card_avg_amount"]
+    # None becomes NaN here, so look again at what fails: only a float there is wrong.
+    as_floats = np.array(averages, dtype=np.float64)
+    for i in np.flatnonzero(~((as_floats > 0.0) & (as_floats < math.inf))).tolist():
+        if averages[i] is not None:
+            suspect.add(i)
+    try:
+        card_ids = list(map(str.encode, columns["card_id"]))
+    except UnicodeEncodeError:  # a lone surrogate, which no UTF-8 decoder gives
+        return every
+    if card_ids != list(keys):
+        suspect.update(i for i, key in enumerate(keys) if key != card_ids[i])
+    return sorted(suspect)
