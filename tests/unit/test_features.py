@@ -14,8 +14,11 @@ from streamer.features import (
     FEATURE_ORDER,
     MERCHANT_CATEGORIES,
     UNKNOWN_CATEGORY_CODE,
+    UNKNOWN_CHANNEL_CODE,
     build_features,
+    build_features_from_columns,
 )
+from streamer.serde import decode_and_validate, encode_transaction
 from streamer.synthetic import SyntheticWorld
 
 # 2026-01-01 03:30:00 UTC
@@ -159,3 +162,78 @@ class TestContract:
         matrix = build_features([i.record for i in SyntheticWorld(3).generate(5_000)])
 
         assert _column(matrix, "merchant_category").max() < UNKNOWN_CATEGORY_CODE
+
+
+def row_by_row(records: list[dict[str, Any]]) -> np.ndarray:
+    """The matrix as the first, record-at-a-time builder made it: the oracle of the columnar one."""
+    rows = []
+    for r in records:
+        amount, average, country = r["amount"], r["card_avg_amount"], r["card_country"]
+        hour = r["event_time"] // HOUR_MS % 24
+        rows.append(
+            (
+                amount,
+                math.nan if average is None else average,
+                math.nan if country is None else float(r["country"] != country),
+                float(r["card_present"]),
+                float(CHANNELS.index(r["channel"])) if r["channel"] in CHANNELS
+                else UNKNOWN_CHANNEL_CODE,
+                float(MERCHANT_CATEGORIES.index(r["merchant_category"]))
+                if r["merchant_category"] in MERCHANT_CATEGORIES else UNKNOWN_CATEGORY_CODE,
+                hour,
+            )
+        )  # fmt: skip
+    raw = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+    out = np.empty((len(rows), len(FEATURE_ORDER)))
+    out[:, 0] = np.log1p(raw[:, 0])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        out[:, 1] = raw[:, 0] / raw[:, 1]
+    out[:, 2:7] = raw[:, 2:7]
+    out[:, 7] = raw[:, 6] < 6
+    return out
+
+
+def edge_records() -> list[dict[str, Any]]:
+    """Records at the edges: no enrichment, unknown codes, extreme amounts and times."""
+    return [
+        _record(card_avg_amount=None),
+        _record(card_country=None),
+        _record(card_country=None, card_avg_amount=None),
+        _record(merchant_category="space_tourism"),
+        _record(channel="telepathy"),
+        _record(amount=0.0, event_time=0),
+        _record(amount=-0.0),
+        _record(amount=10_000_000.0, card_avg_amount=5e-324),
+        _record(amount=5e-324, card_avg_amount=1.7976931348623157e308),
+        _record(event_time=2**63 - 1),
+        _record(event_time=NIGHT_MS + 2 * HOUR_MS + HOUR_MS - 1),
+    ]
+
+
+class TestFromColumns:
+    def test_same_matrix_as_row_by_row_on_synthetic_batches(self) -> None:
+        """Decoded batches give, bit for bit, the matrix of the record-at-a-time builder."""
+        records = [i.record for i in SyntheticWorld(9).generate(3_000)]
+        for start in range(0, len(records), 500):
+            chunk = records[start : start + 500]
+            batch = decode_and_validate(
+                [encode_transaction(r) for r in chunk],
+                [r["card_id"].encode() for r in chunk],
+                65_536,
+            )
+            expected = row_by_row(chunk).tobytes()
+            assert build_features_from_columns(batch.columns).tobytes() == expected
+            assert build_features(chunk).tobytes() == expected
+
+    def test_same_matrix_on_edge_records(self) -> None:
+        """Missing enrichment, unknown codes and extreme values agree bit for bit too."""
+        records = edge_records()
+        columns = {name: [r[name] for r in records] for name in records[0]}
+        expected = row_by_row(records).tobytes()
+        assert build_features_from_columns(columns).tobytes() == expected
+        assert build_features(records).tobytes() == expected
+
+    def test_empty_columns_give_empty_matrix(self) -> None:
+        """No values give a (0, n) matrix."""
+        columns: dict[str, list[Any]] = {name: [] for name in _record()}
+        assert build_features_from_columns(columns).shape == (0, len(FEATURE_ORDER))
