@@ -331,11 +331,12 @@ class Reconciliation:
             self._high[r.partition] = max(int(self._high[r.partition]), r.end)
             self._base[r.partition] = base
             base += r.size
-        # One slot per offset of every audited range, partition after partition.
-        self._present = np.zeros(base, dtype=bool)
+        # One slot per offset of every audited range, partition after partition (and one more,
+        # never present, so that the index 0 of outputs outside every range is always valid).
+        self._present = np.zeros(base + 1, dtype=bool)
         self._counts: dict[OutputKind, np.ndarray] = {
-            "verdicts": np.zeros(base, dtype=np.uint32),
-            "dead_letters": np.zeros(base, dtype=np.uint32),
+            "verdicts": np.zeros(base + 1, dtype=np.uint32),
+            "dead_letters": np.zeros(base + 1, dtype=np.uint32),
         }
         self._outputs_seen = False
         self.outside_range = 0
@@ -726,6 +727,25 @@ def _stuck(consumer: Consumer, topic: str, r: PartitionRange, position: int, tim
     )
 
 
+class _Reader:
+    """A read_committed consumer for `read_ranges`, closed on exit."""
+
+    def __init__(self, settings: Settings, purpose: str) -> None:
+        self.errors = ClientErrors(purpose)
+        self.consumer = create_consumer(reader_config(settings, purpose), self.errors)
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.consumer.close()
+
+    def read(
+        self, topic: str, ranges: Sequence[PartitionRange], timeout: float
+    ) -> Iterator[list[Any]]:
+        return read_ranges(self.consumer, self.errors, topic, ranges, timeout=timeout)
+
+
 @dataclass(frozen=True, slots=True)
 class TopicRecord:
     """One record as read back (tests and tools that need whole records)."""
@@ -752,11 +772,9 @@ def read_records(
     """Every committed record of `topic` up to its end offsets now, in partition/offset order."""
     ends = watermarks(settings, topic)
     ranges = [PartitionRange(p, low, high) for p, (low, high) in ends.items()]
-    errors = ClientErrors("reader")
-    consumer = create_consumer(reader_config(settings, "reader"), errors)
     records: list[TopicRecord] = []
-    try:
-        for batch in read_ranges(consumer, errors, topic, ranges, timeout=timeout):
+    with _Reader(settings, "reader") as reader:
+        for batch in reader.read(topic, ranges, timeout):
             for message in batch:
                 partition, offset = message.partition(), message.offset()
                 if offset >= ends[partition][1]:
@@ -772,8 +790,6 @@ def read_records(
                         list(message.headers() or []),
                     )
                 )
-    finally:
-        consumer.close()
     records.sort(key=lambda r: (r.partition, r.offset))
     return records
 
@@ -798,17 +814,15 @@ def audit(
     dlq_marks = watermarks(settings, settings.dlq_topic)
     input_marks = watermarks(settings, settings.input_topic)
 
-    errors = ClientErrors("audit")
-    consumer = create_consumer(reader_config(settings, "audit"), errors)
-    try:
+    with _Reader(settings, "audit") as reader:
         partitions = sorted(input_marks)
         since = (
-            offsets_for_time(consumer, settings.input_topic, partitions, since_ms)
+            offsets_for_time(reader.consumer, settings.input_topic, partitions, since_ms)
             if since_ms is not None
             else {}
         )
         until = (
-            offsets_for_time(consumer, settings.input_topic, partitions, until_ms)
+            offsets_for_time(reader.consumer, settings.input_topic, partitions, until_ms)
             if until_ms is not None
             else {}
         )
@@ -824,20 +838,26 @@ def audit(
             input_topic=settings.input_topic,
             ranges={r.partition: [r.start, r.end] for r in ranges},
         )
-        _read_inputs(consumer, errors, settings.input_topic, ranges, reconciliation, timeout)
-        outputs: list[tuple[OutputKind, str, dict[int, tuple[int, int]]]] = [
-            ("verdicts", settings.output_topic, output_marks),
-            ("dead_letters", settings.dlq_topic, dlq_marks),
-        ]
-        for kind, topic, marks in outputs:
-            ends = np.zeros(max(marks) + 1, dtype=np.int64)
-            for p, (_, high) in marks.items():
-                ends[p] = high
-            output_ranges = [PartitionRange(p, low, high) for p, (low, high) in marks.items()]
-            for batch in read_ranges(consumer, errors, topic, output_ranges, timeout=timeout):
+        for batch in reader.read(settings.input_topic, ranges, timeout):
+            partitions_read = np.fromiter(
+                (m.partition() for m in batch), dtype=np.int64, count=len(batch)
+            )
+            offsets = np.fromiter((m.offset() for m in batch), dtype=np.int64, count=len(batch))
+            reconciliation.add_inputs(partitions_read, offsets)
+
+    outputs: list[tuple[OutputKind, str, dict[int, tuple[int, int]]]] = [
+        ("verdicts", settings.output_topic, output_marks),
+        ("dead_letters", settings.dlq_topic, dlq_marks),
+    ]
+    for kind, topic, marks in outputs:
+        ends = np.zeros(max(marks) + 1, dtype=np.int64)
+        for p, (_, high) in marks.items():
+            ends[p] = high
+        output_ranges = [PartitionRange(p, low, high) for p, (low, high) in marks.items()]
+        # A consumer per topic: nothing fetched for one topic can reach the other's count.
+        with _Reader(settings, "audit") as reader:
+            for batch in reader.read(topic, output_ranges, timeout):
                 reconciliation.add_outputs(kind, topic, batch, ends)
-    finally:
-        consumer.close()
     return reconciliation.report(
         output_topic=settings.output_topic,
         dlq_topic=settings.dlq_topic,
@@ -845,20 +865,6 @@ def audit(
         until_ms=until_ms,
         seconds=time.monotonic() - started,
     )
-
-
-def _read_inputs(
-    consumer: Consumer,
-    errors: ClientErrors,
-    topic: str,
-    ranges: Sequence[PartitionRange],
-    reconciliation: Reconciliation,
-    timeout: float,
-) -> None:
-    for batch in read_ranges(consumer, errors, topic, ranges, timeout=timeout):
-        partitions = np.fromiter((m.partition() for m in batch), dtype=np.int64, count=len(batch))
-        offsets = np.fromiter((m.offset() for m in batch), dtype=np.int64, count=len(batch))
-        reconciliation.add_inputs(partitions, offsets)
 
 
 def run_audit(

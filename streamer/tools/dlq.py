@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 import structlog
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from streamer.errors import ConfigError
 from streamer.headers import (
@@ -218,13 +218,17 @@ def replay_dead_letters(
             if producer is None:
                 print(_describe(where, input_topic, found), file=out)
             else:
-                producer.produce(
-                    input_topic,
-                    message.key(),
-                    message.value(),
-                    replay_headers(dlq_topic, partition, offset, found),
-                    on_delivery_for(where),
-                )
+                try:
+                    producer.produce(
+                        input_topic,
+                        message.key(),
+                        message.value(),
+                        replay_headers(dlq_topic, partition, offset, found),
+                        on_delivery_for(where),
+                    )
+                except KafkaException as exc:  # refused before sending (e.g. too large)
+                    report.failed.append(f"{where}: {exc.args[0] if exc.args else exc}")
+                    continue
                 producer.poll(0)
             report.by_stage[stage or UNKNOWN_STAGE] += 1
             if limit is not None and report.replayed >= limit:
@@ -288,7 +292,7 @@ def _chosen(
         for batch in read_ranges(consumer, errors, topic, [wanted], timeout=timeout):
             for message in batch:
                 offset = message.offset()
-                if offset >= wanted.end:
+                if offset >= wanted.end or message.partition() != wanted.partition:
                     continue
                 report.examined += 1
                 found = header_map(message.headers())

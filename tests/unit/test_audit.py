@@ -287,6 +287,14 @@ class TestCounting:
         assert (rows[1].start_offset, rows[1].end_offset) == (5, 8)
         assert (rows[1].inputs, rows[1].verdicts, rows[1].missing) == (3, 2, 1)
 
+    def test_an_empty_input_makes_every_output_an_orphan(self) -> None:
+        """No input record at all: outputs naming offsets of it are orphans past its end."""
+        rec = Reconciliation(INPUT, [PartitionRange(0, 0, 0)], {0: 0})
+        rec.add_outputs("verdicts", VERDICTS, naming((0, 0), (0, 5)))
+        report = report_of(rec)
+        assert (report.inputs, report.verdicts, report.missing) == (0, 0, 0)
+        assert report.orphan_reasons["past_input_end"] == 2
+
     def test_inputs_must_come_first(self) -> None:
         """Presence decides whether an output names a record: inputs after outputs are refused."""
         rec = reconciliation([PartitionRange(0, 0, 2)], {0: [0, 1]})
