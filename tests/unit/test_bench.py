@@ -74,7 +74,9 @@ def make_report(
         latency(PASSTHROUGH, 5_000.0, limit_p99),
         latency(SCORER, 5_000.0, scorer_p99),
     ]
-    report.breakdown = stage_costs({"decode": 0.5, "predict": 1.5}, 100_000)
+    report.breakdown = stage_costs(
+        {"decode": 0.5, "predict": 1.5}, {"decode": 0.4, "predict": 1.2}, 100_000
+    )
     report.breakdown_records = 100_000
     report.targets = evaluate_targets(report)
     return report
@@ -107,13 +109,23 @@ class TestLatencyPercentiles:
 
 
 class TestStageCosts:
-    def test_micros_per_record_and_shares(self) -> None:
-        costs = stage_costs({"decode": 0.25, "predict": 0.75}, 50_000)
-        assert costs == [StageCost("decode", 5.0, 0.25), StageCost("predict", 15.0, 0.75)]
+    def test_micros_per_record_and_shares_of_cpu(self) -> None:
+        """Shares are of CPU time, which waiting for a core on a busy machine does not inflate."""
+        costs = stage_costs(
+            {"decode": 0.5, "predict": 1.0}, {"decode": 0.25, "predict": 0.75}, 50_000
+        )
+        assert costs == [
+            StageCost("decode", 10.0, 5.0, 0.25),
+            StageCost("predict", 20.0, 15.0, 0.75),
+        ]
 
     def test_records_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="records"):
-            stage_costs({"decode": 1.0}, 0)
+            stage_costs({"decode": 1.0}, {"decode": 1.0}, 0)
+
+    def test_wall_and_cpu_name_the_same_stages(self) -> None:
+        with pytest.raises(ValueError, match="same stages"):
+            stage_costs({"decode": 1.0}, {"predict": 1.0}, 10)
 
 
 class TestEvaluateTargets:
@@ -251,6 +263,13 @@ class TestReportJson:
         assert data["latency"][1]["missing"] == 0
         assert data["breakdown"]["records"] == 100_000
         assert data["breakdown"]["total_micros_per_record"] == pytest.approx(20.0)
+        assert data["breakdown"]["total_cpu_micros_per_record"] == pytest.approx(16.0)
+        assert data["breakdown"]["stages"][0] == {
+            "stage": "decode",
+            "micros_per_record": pytest.approx(5.0),
+            "cpu_micros_per_record": pytest.approx(4.0),
+            "share": pytest.approx(0.25),
+        }
         assert data["targets"][0] == {
             "name": "scorer throughput (at-least-once)",
             "goal": ">= 0.50 x pass-through",

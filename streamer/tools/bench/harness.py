@@ -29,6 +29,7 @@ How each number is taken, and why:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -37,7 +38,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +52,7 @@ from streamer.serde import encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import SyntheticWorld
 from streamer.tools.bench import BenchError, BenchOptions
-from streamer.tools.bench.breakdown import InputRecord, time_hot_loop
+from streamer.tools.bench.breakdown import InputRecord, StageTimes, time_hot_loop
 from streamer.tools.bench.instruments import (
     ChildProcess,
     LatencyReader,
@@ -195,8 +196,8 @@ class Bench:
             {"events": options.events, "seconds": report.seconds, "events_per_second": rate},
         )
 
-    def breakdown(self, scorer: Scorer) -> tuple[dict[str, float], int]:
-        """Seconds per hot-loop stage over `breakdown_records` synthetic records."""
+    def breakdown(self, scorer: Scorer) -> tuple[StageTimes, int]:
+        """Time per hot-loop stage over `breakdown_records` synthetic records."""
         settings = self.settings
         count = self.options.breakdown_records
         world = SyntheticWorld(self.options.seed + 1)
@@ -272,7 +273,12 @@ class Bench:
         dead_letters = sum(partition_sizes(self.settings, dlq).values())
         if dead_letters:
             raise BenchError(f"{label}: {dead_letters} dead letters for valid synthetic events")
+        read_started = time.monotonic()
         summary = read_outputs(self.settings, output, sizes, partitions=partitions)
+        log(
+            f"{label}: read back and checked {summary.count:,} outputs in "
+            f"{time.monotonic() - read_started:.1f} s"
+        )
         assert summary.first_ms is not None
         assert summary.last_ms is not None
         seconds = (summary.last_ms - summary.first_ms) / 1000
@@ -369,22 +375,30 @@ class Bench:
             config=self.config_snapshot(scorer),
             preload={},
         )
+        phases = report.phase_seconds
         try:
-            input_topic, sizes, report.preload = self.preload()
-            seconds, report.breakdown_records = self.breakdown(scorer)
-            report.breakdown = stage_costs(seconds, report.breakdown_records)
-            for kind, guarantee in (
-                (PASSTHROUGH, "at-least-once"),
-                (SCORER, "at-least-once"),
-                (SCORER, "exactly-once"),
-            ):
-                report.throughput.append(
-                    self.throughput(kind, input_topic, sizes, guarantee=guarantee)
-                )
-            report.throughput.append(self.throughput(SCORER, input_topic, sizes, processes=2))
+            with timed(phases, "preload"):
+                input_topic, sizes, report.preload = self.preload()
+            with timed(phases, "breakdown"):
+                times, report.breakdown_records = self.breakdown(scorer)
+            report.breakdown = stage_costs(times.wall, times.cpu, report.breakdown_records)
+            runs = (
+                (PASSTHROUGH, "at-least-once", 1),
+                (SCORER, "at-least-once", 1),
+                (SCORER, "exactly-once", 1),
+                (SCORER, "at-least-once", 2),
+            )
+            for kind, guarantee, processes in runs:
+                with timed(phases, f"throughput {kind} {guarantee} x{processes}"):
+                    report.throughput.append(
+                        self.throughput(
+                            kind, input_topic, sizes, guarantee=guarantee, processes=processes
+                        )
+                    )
             pool = latency_pool(options.seed + 2, min(LATENCY_POOL_SIZE, options.events))
             for kind in (PASSTHROUGH, SCORER):
-                report.latency += self.latency(kind, pool)
+                with timed(phases, f"latency {kind}"):
+                    report.latency += self.latency(kind, pool)
         finally:
             self.kill_all()
             delete_topics(self.settings.admin_config(), self.topics)
@@ -425,6 +439,16 @@ class Bench:
                 if key in consumer
             },
         }
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Record how long the block took under `name` (where the ten minutes go)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = time.monotonic() - started
 
 
 def latency_pool(seed: int, size: int) -> list[tuple[bytes, bytes]]:

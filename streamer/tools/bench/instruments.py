@@ -56,9 +56,12 @@ PACING_SLICE_SECONDS: Final = 0.001
 MB: Final = 1024 * 1024
 
 
+_STARTED: Final = time.monotonic()
+
+
 def log(message: str) -> None:
-    """Progress on stderr; stdout carries the table only."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, with the seconds since start; stdout carries the table only."""
+    print(f"bench: [{time.monotonic() - _STARTED:4.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 # -- processes -----------------------------------------------------------------------------------

@@ -93,7 +93,11 @@ class Latency:
 class StageCost:
     stage: str
     micros_per_record: float
+    """Wall time."""
+    cpu_micros_per_record: float
+    """CPU time of the thread running the loop."""
     share: float
+    """Of the total CPU time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,8 @@ class Report:
     breakdown: list[StageCost] = field(default_factory=list)
     breakdown_records: int = 0
     targets: list[Target] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each phase of the run, in order."""
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -139,18 +145,23 @@ def latency_percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
     return {name: float(ordered[rank - 1]) for name, rank in ranks.items()}
 
 
-def stage_costs(seconds_by_stage: Mapping[str, float], records: int) -> list[StageCost]:
-    """Microseconds per record and share of the total for each stage, in the given order."""
+def stage_costs(
+    wall_seconds: Mapping[str, float], cpu_seconds: Mapping[str, float], records: int
+) -> list[StageCost]:
+    """Microseconds per record (wall and CPU) and share of the CPU total, per stage in order."""
     if records < 1:
         raise ValueError(f"records must be at least 1, got {records}")
-    total = sum(seconds_by_stage.values())
+    if wall_seconds.keys() != cpu_seconds.keys():
+        raise ValueError("wall and CPU times must name the same stages")
+    total = sum(cpu_seconds.values())
     return [
         StageCost(
             stage=stage,
-            micros_per_record=seconds / records * 1e6,
-            share=seconds / total if total > 0 else math.nan,
+            micros_per_record=wall / records * 1e6,
+            cpu_micros_per_record=cpu_seconds[stage] / records * 1e6,
+            share=cpu_seconds[stage] / total if total > 0 else math.nan,
         )
-        for stage, seconds in seconds_by_stage.items()
+        for stage, wall in wall_seconds.items()
     ]
 
 
@@ -319,11 +330,21 @@ class _Section:
 
 
 def _breakdown_rows(report: Report) -> list[list[str]]:
-    rows = [[c.stage, f"{c.micros_per_record:.2f}", f"{c.share:.0%}"] for c in report.breakdown]
-    if report.breakdown:
-        total = sum(c.micros_per_record for c in report.breakdown)
-        rows.append(["total", f"{total:.2f}", "100%"])
-        rows.append(["(1 core at this cost)", f"{1e6 / total:,.0f}/s", ""])
+    costs = report.breakdown
+    rows = [
+        [
+            c.stage,
+            f"{c.micros_per_record:.2f}",
+            f"{c.cpu_micros_per_record:.2f}",
+            f"{c.share:.0%}",
+        ]
+        for c in costs
+    ]
+    if costs:
+        wall = sum(c.micros_per_record for c in costs)
+        cpu = sum(c.cpu_micros_per_record for c in costs)
+        rows.append(["total", f"{wall:.2f}", f"{cpu:.2f}", "100%"])
+        rows.append(["one core at this CPU cost", "", f"{1e6 / cpu:,.0f}/s", ""])
     return rows
 
 
@@ -384,8 +405,8 @@ def _sections(report: Report) -> list[_Section]:
         _Section(
             "Hot loop cost per record",
             f"{report.breakdown_records:,} records in batches of "
-            f"{config.get('batch_size', '?')}, in process, wall time per stage",
-            ["stage", "us/record", "share"],
+            f"{config.get('batch_size', '?')}, in process; CPU: the loop's thread only",
+            ["stage", "wall us/record", "CPU us/record", "CPU share"],
             _breakdown_rows(report),
         ),
         _Section(
@@ -404,6 +425,7 @@ def render(report: Report, *, markdown: bool) -> str:
         f" ({'quick run, ' if report.quick else ''}{report.duration_seconds:.0f} s)"
     )
     machine_line = ", ".join(f"{key} {value}" for key, value in report.machine.items())
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.phase_seconds.items())
     if markdown:
         parts = [f"# {title}", "", f"Machine: {machine_line}"]
         for section in _sections(report):
@@ -413,12 +435,16 @@ def render(report: Report, *, markdown: bool) -> str:
             parts.append(format_table(section.header, section.rows, markdown=True))
             if section.footnotes:
                 parts += ["", *(f"- {line}" for line in section.footnotes)]
+        if phases:
+            parts += ["", f"Run time by phase: {phases}."]
         return "\n".join(parts) + "\n"
     parts = [title, f"machine: {machine_line}"]
     for section in _sections(report):
         parts += ["", f"{section.heading}{': ' + section.note if section.note else ''}"]
         parts.append(format_table(section.header, section.rows, markdown=False))
         parts += [f"  * {line}" for line in section.footnotes]
+    if phases:
+        parts += ["", f"run time by phase: {phases}"]
     return "\n".join(parts) + "\n"
 
 
@@ -445,6 +471,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "records": data.pop("breakdown_records"),
         "stages": shown_breakdown,
         "total_micros_per_record": sum(c.micros_per_record for c in report.breakdown),
+        "total_cpu_micros_per_record": sum(c.cpu_micros_per_record for c in report.breakdown),
     }
     result: dict[str, Any] = _finite({"schema": JSON_SCHEMA, **data})
     return result
