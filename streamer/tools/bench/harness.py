@@ -331,12 +331,17 @@ class Bench:
             log(f"latency: {kind} started (pid {process.pid}); waiting for it to answer")
             first = PacedRun(producer, reader, input_topic, pool, process)
             first.send(1_000.0, FIRST_WARMUP_EVENTS, warmup=FIRST_WARMUP_EVENTS)
-            first.drain(START_TIMEOUT)
+            if not first.drain(START_TIMEOUT):
+                raise BenchError(
+                    f"{kind} gave no output for its first {FIRST_WARMUP_EVENTS} events within "
+                    f"{START_TIMEOUT:.0f} s.\n{process.log_tail()}"
+                )
             for rate in options.rates:
                 run = PacedRun(producer, reader, input_topic, pool, process)
                 total = math.ceil(rate * (options.warmup_seconds + options.latency_seconds))
                 run.send(rate, total, warmup=math.ceil(rate * options.warmup_seconds))
-                run.drain(DRAIN_TIMEOUT)
+                if not run.drain(DRAIN_TIMEOUT):
+                    log(f"latency: {kind} at {rate:,.0f}/s: outputs still missing, going on")
                 samples = run.latencies_ms()
                 self.latency_samples[(kind, rate)] = samples
                 shown = latency_percentiles(samples)

@@ -68,7 +68,10 @@ class PassThrough:
         """Forward records until stopped (or idle for `until_idle` s); returns how many."""
         settings = self._settings
         self._consumer.subscribe(
-            [settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+            [settings.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         consumer, producer, tracker = self._consumer, self._producer, self._tracker
         produce, track = producer.produce, tracker.track
@@ -145,6 +148,10 @@ class PassThrough:
             self._flush_and_commit(partitions)
         except Exception as exc:  # never raise inside a librdkafka callback
             log.error("commit at revoke failed", error=repr(exc))
+        self._tracker.forget((p.topic, p.partition) for p in partitions)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member owns these now: committing for them would be wrong.
         self._tracker.forget((p.topic, p.partition) for p in partitions)
 
 
