@@ -605,16 +605,24 @@ def reader_config(settings: Settings, purpose: str) -> dict[str, Any]:
     return {**settings.reader_config(f"streamer-{purpose}-{uuid.uuid4()}"), **READER_OVERRIDES}
 
 
+def _log_view(settings: Settings) -> Consumer:
+    """A consumer for offset queries that sees the whole log, open transactions included.
+
+    librdkafka answers watermark and offsets-for-times queries at the consumer's isolation level:
+    read_committed ones stop at the last stable offset, which an open transaction holds back.
+    """
+    config = {**reader_config(settings, "offsets"), "isolation.level": "read_uncommitted"}
+    return create_consumer(config, ClientErrors("offsets"))
+
+
 def watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
     """partition → (low, high) of `topic` now: the log start and the high watermark.
 
     The high watermark, not the last stable offset: a read_committed reader that stops at it has
-    seen every transaction that was open when it was taken, once they are decided. (A
-    read_committed consumer's watermark query answers with the last stable offset, hence a
-    read_uncommitted consumer here.) Raises ConfigError when the topic does not exist.
+    seen every transaction that was open when it was taken, once they are decided. Raises
+    ConfigError when the topic does not exist.
     """
-    config = {**reader_config(settings, "watermarks"), "isolation.level": "read_uncommitted"}
-    consumer = create_consumer(config, ClientErrors("watermarks"))
+    consumer = _log_view(settings)
     try:
         metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_SECONDS).topics.get(topic)
         if metadata is None or metadata.error is not None or not metadata.partitions:
@@ -634,12 +642,17 @@ def watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
 
 
 def offsets_for_time(
-    consumer: Consumer, topic: str, partitions: Sequence[int], ms: int
+    settings: Settings, topic: str, partitions: Sequence[int], ms: int
 ) -> dict[int, int]:
-    """partition → the first offset whose timestamp is at or after `ms` (-1: none)."""
-    found = consumer.offsets_for_times(
-        [TopicPartition(topic, p, ms) for p in partitions], timeout=METADATA_TIMEOUT_SECONDS
-    )
+    """partition → the first offset whose timestamp is at or after `ms` (-1: none), open
+    transactions included."""
+    consumer = _log_view(settings)
+    try:
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, ms) for p in partitions], timeout=METADATA_TIMEOUT_SECONDS
+        )
+    finally:
+        consumer.close()
     for tp in found:
         if tp.error is not None:
             raise AuditReadError(f"{topic}[{tp.partition}]: offsets for time {ms}: {tp.error}")
@@ -814,30 +827,30 @@ def audit(
     dlq_marks = watermarks(settings, settings.dlq_topic)
     input_marks = watermarks(settings, settings.input_topic)
 
+    partitions = sorted(input_marks)
+    since = (
+        offsets_for_time(settings, settings.input_topic, partitions, since_ms)
+        if since_ms is not None
+        else {}
+    )
+    until = (
+        offsets_for_time(settings, settings.input_topic, partitions, until_ms)
+        if until_ms is not None
+        else {}
+    )
+    ranges = [
+        resolve_range(p, low, high, since.get(p), until.get(p))
+        for p, (low, high) in input_marks.items()
+    ]
+    reconciliation = Reconciliation(
+        settings.input_topic, ranges, {p: high for p, (_, high) in input_marks.items()}
+    )
+    log.info(
+        "audit reading",
+        input_topic=settings.input_topic,
+        ranges={r.partition: [r.start, r.end] for r in ranges},
+    )
     with _Reader(settings, "audit") as reader:
-        partitions = sorted(input_marks)
-        since = (
-            offsets_for_time(reader.consumer, settings.input_topic, partitions, since_ms)
-            if since_ms is not None
-            else {}
-        )
-        until = (
-            offsets_for_time(reader.consumer, settings.input_topic, partitions, until_ms)
-            if until_ms is not None
-            else {}
-        )
-        ranges = [
-            resolve_range(p, low, high, since.get(p), until.get(p))
-            for p, (low, high) in input_marks.items()
-        ]
-        reconciliation = Reconciliation(
-            settings.input_topic, ranges, {p: high for p, (_, high) in input_marks.items()}
-        )
-        log.info(
-            "audit reading",
-            input_topic=settings.input_topic,
-            ranges={r.partition: [r.start, r.end] for r in ranges},
-        )
         for batch in reader.read(settings.input_topic, ranges, timeout):
             partitions_read = np.fromiter(
                 (m.partition() for m in batch), dtype=np.int64, count=len(batch)

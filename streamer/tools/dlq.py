@@ -210,7 +210,7 @@ def replay_dead_letters(
     errors = ClientErrors("dlq-reader")
     consumer = create_consumer(reader_config(settings, "dlq-replay"), errors)
     try:
-        ranges = _ranges(consumer, dlq_topic, marks, selection)
+        ranges = _ranges(settings, dlq_topic, marks, selection)
         chosen = _chosen(consumer, errors, dlq_topic, ranges, selection, timeout, report)
         for message, found, stage in chosen:
             partition, offset = message.partition(), message.offset()
@@ -233,15 +233,24 @@ def replay_dead_letters(
             report.by_stage[stage or UNKNOWN_STAGE] += 1
             if limit is not None and report.replayed >= limit:
                 break
+    except BaseException:
+        log.error(
+            "dlq replay stopped before the end; what was sent is being flushed",
+            replayed=report.replayed,
+            by_stage=dict(report.by_stage),
+        )
+        raise
     finally:
         consumer.close()
+        # Also when reading failed: what was handed to the producer is delivered, or reported.
+        if producer is not None:
+            unreported = producer.flush(FLUSH_SECONDS)
+            if unreported:
+                report.failed.append(
+                    f"{unreported} replays got no delivery report within {FLUSH_SECONDS:g} s"
+                )
     if producer is not None:
-        unreported = producer.flush(FLUSH_SECONDS)
         producer.errors.raise_if_fatal()
-        if unreported:
-            report.failed.append(
-                f"{unreported} replays got no delivery report within {FLUSH_SECONDS:g} s"
-            )
     log.info(
         "dlq replay done",
         dry_run=dry_run,
@@ -254,11 +263,11 @@ def replay_dead_letters(
 
 
 def _ranges(
-    consumer: Any, topic: str, marks: dict[int, tuple[int, int]], selection: ReplayFilter
+    settings: Settings, topic: str, marks: dict[int, tuple[int, int]], selection: ReplayFilter
 ) -> list[PartitionRange]:
     partitions = sorted(marks)
     since = (
-        offsets_for_time(consumer, topic, partitions, selection.since_ms)
+        offsets_for_time(settings, topic, partitions, selection.since_ms)
         if selection.since_ms is not None
         else {}
     )
