@@ -311,11 +311,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from streamer.app import ScoringApp
     from streamer.model.scorer import Scorer
 
-    if settings.processing_guarantee == "exactly-once":
-        raise ConfigError(
-            "STREAMER_PROCESSING_GUARANTEE: exactly-once is not available in this version; "
-            "use at-least-once"
-        )
     # The model is loaded and verified before any Kafka client exists: a refused model
     # consumes nothing and commits nothing.
     scorer = Scorer.from_path(settings.model_path, settings.threshold)
