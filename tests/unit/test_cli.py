@@ -36,10 +36,20 @@ class TestExitCodes:
         assert code == EXIT_MODEL_REFUSED
         assert "streamer train" in capsys.readouterr().err
 
-    def test_exactly_once_is_refused_at_start_up(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """exactly-once is not available yet: refused before anything else, exit 2."""
-        assert main(["run", "--processing-guarantee", "exactly-once"]) == EXIT_USAGE
-        assert "exactly-once" in capsys.readouterr().err
+    def test_exactly_once_checks_the_model_before_kafka(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """exactly-once too verifies the model before it creates a transactional producer."""
+        argv = [
+            "run",
+            "--processing-guarantee",
+            "exactly-once",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+        ]
+        code = main([*argv, "--model-path", str(tmp_path / "none.skops"), "--log-format", "json"])
+        assert code == EXIT_MODEL_REFUSED
+        assert "streamer train" in capsys.readouterr().err
 
     @pytest.mark.parametrize(
         "argv",
