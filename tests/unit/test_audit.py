@@ -187,6 +187,27 @@ class TestCounting:
         assert (report.missing, report.duplicates, report.orphans) == (0, 0, 0)
         assert report.exit_status("exactly-once") == 0
 
+    def test_dead_letter_headers_count_like_verdict_headers(self) -> None:
+        """Source headers among others and in any order (as on a dead letter) are read the same
+        as the three headers of a verdict."""
+        rec = reconciliation([PartitionRange(0, 0, 2)], {0: [0, 1]})
+        letter: list[tuple[str, object]] = [
+            (ERROR_STAGE, b"decode"),
+            (SOURCE_OFFSET, b"1"),
+            (SOURCE_PARTITION, b"0"),
+            (SOURCE_TOPIC, TOPIC),
+            (ERROR_REASON, b"garbage"),
+        ]
+        rec.add_outputs("dead_letters", DLQ, [Output(0, 0, letter)])
+        rec.add_outputs("verdicts", VERDICTS, naming((0, 0)))
+        report = report_of(rec)
+        assert (report.verdicts, report.dead_letters, report.missing, report.orphans) == (
+            1,
+            1,
+            0,
+            0,
+        )
+
     def test_missing_inputs_are_counted_and_sampled(self) -> None:
         """An input no output names is missing; its offset is among the samples."""
         rec = reconciliation([PartitionRange(0, 0, 3)], {0: [0, 1, 2]})
