@@ -550,17 +550,19 @@ def format_summary(report: AuditReport, expect: Expect) -> str:
         f"  {'duplicates':<16} {report.duplicates:>12,}   inputs with more than one output "
         f"({report.extra_outputs:,} extra)",
         f"  {'orphans':<16} {report.orphans:>12,}   outputs naming no input record"
-        + (f" ({orphan_detail})" if orphan_detail else ""),
+        + (f":\n{'':<34}{orphan_detail}" if orphan_detail else ""),
         f"  {'outside range':<16} {report.outside_range:>12,}   outputs naming inputs outside "
         "the audited range (not counted)",
         "",
-        f"  {'partition':>9}  {'offsets':<23} {'inputs':>10} {'verdicts':>10} "
+        f"  {'partition':>9}  {'offsets':<25} {'inputs':>10} {'verdicts':>10} "
         f"{'dead letters':>12} {'missing':>8} {'duplicates':>10}",
     ]
     for p in report.partitions:
-        offsets = f"{p.start_offset}-{p.end_offset}" if p.end_offset > p.start_offset else "none"
+        offsets = (
+            f"[{p.start_offset:,}, {p.end_offset:,})" if p.end_offset > p.start_offset else "none"
+        )
         lines.append(
-            f"  {p.partition:>9}  {offsets:<23} {p.inputs:>10,} {p.verdicts:>10,} "
+            f"  {p.partition:>9}  {offsets:<25} {p.inputs:>10,} {p.verdicts:>10,} "
             f"{p.dead_letters:>12,} {p.missing:>8,} {p.duplicates:>10,}"
         )
     if report.missing_samples:
@@ -579,22 +581,27 @@ def format_summary(report: AuditReport, expect: Expect) -> str:
     for ref in report.orphan_samples:
         lines.append(
             f"  orphan           {ref.topic}[{ref.partition}]@{ref.offset}: "
-            f"{ORPHAN_REASONS[ref.reason]} ({ref.names})"
+            f"{ORPHAN_REASONS[ref.reason]}" + (f" ({ref.names})" if ref.names != "?" else "")
         )
     status = report.exit_status(expect)
     problems = []
     if report.missing:
-        problems.append(f"{report.missing:,} missing")
+        problems.append(f"missing {report.missing:,}")
     if report.duplicates:
-        problems.append(f"{report.duplicates:,} duplicated")
+        problems.append(f"duplicates {report.duplicates:,}")
     if report.orphans:
-        problems.append(f"{report.orphans:,} orphans")
+        problems.append(f"orphans {report.orphans:,}")
     if not problems:
         verdict = "clean"
     elif status == EXIT_CLEAN:
         verdict = f"within {expect} ({', '.join(problems)})"
     else:
         verdict = f"FAILED for {expect} ({', '.join(problems)})"
+    if report.missing and report.until_ms is None:
+        lines.append(
+            "  note             a running scorer may not have written the outputs of its latest "
+            "inputs yet; --until leaves them out"
+        )
     lines += ["", f"  result: {verdict}; read in {report.seconds:.1f} s; exit status {status}"]
     return "\n".join(lines)
 

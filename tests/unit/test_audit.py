@@ -383,7 +383,7 @@ class TestRendering:
         text = format_summary(report_of(rec), "at-least-once")
         assert "transactions[0]@1" in text
         assert "transactions-dlq[2]@9" in text
-        assert "FAILED for at-least-once (1 missing, 1 orphans)" in text
+        assert "FAILED for at-least-once (missing 1, orphans 1)" in text
         assert "exit status 1" in text
 
     def test_clean_summary(self) -> None:
