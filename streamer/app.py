@@ -27,15 +27,13 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamer.errors import (
-    DecodeError,
     DeliveryFailedError,
     FencedError,
     KafkaFatalError,
     RecordError,
     ScoreError,
 )
-from streamer.events import validate_transaction
-from streamer.features import build_features
+from streamer.features import build_features_from_columns
 from streamer.headers import (
     CONSUMER_GROUP,
     ERROR_CAUSE,
@@ -57,7 +55,7 @@ from streamer.kafka.clients import (
 from streamer.kafka.delivery import DeliveryFailure, DeliveryTracker
 from streamer.kafka.transactions import AbortableError, Transactions
 from streamer.model.scorer import Scorer
-from streamer.serde import decode_transaction, encode_verdict
+from streamer.serde import TransactionBatch, decode_and_validate, encode_verdicts
 from streamer.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -249,64 +247,52 @@ class ScoringApp:
     # -- the hot path ----------------------------------------------------------------------------
 
     def process(self, messages: Sequence[KafkaMessage]) -> None:
-        """Turn one polled batch into verdicts and dead letters (produced, not yet acknowledged)."""
-        max_bytes = self._settings.max_event_bytes
-        good_messages: list[KafkaMessage] = []
-        good_records: list[dict[str, Any]] = []
+        """Turn one polled batch into verdicts and dead letters (produced, not yet acknowledged).
+
+        Decoding and validation run over the whole batch (`serde.decode_and_validate`); the
+        records that fail are dead-lettered with the same reasons the per-record path gives.
+        """
+        consumed: list[KafkaMessage] = []
         for message in messages:
             error = message.error()
             if error is not None:
                 self._on_consumer_error(error)
                 continue
-            self.counters.consumed += 1
-            value = message.value()
-            try:
-                if value is None:
-                    raise DecodeError("tombstone: the record has no value")
-                if len(value) > max_bytes:
-                    raise DecodeError(
-                        f"value of {len(value)} bytes exceeds the limit of {max_bytes} bytes"
-                    )
-                record = decode_transaction(value)
-                validate_transaction(record, message.key())
-            except RecordError as exc:
-                self._dead_letter(message, exc)
-                continue
-            good_messages.append(message)
-            good_records.append(record)
-        if good_records:
-            self._score_and_publish(good_messages, good_records)
+            consumed.append(message)
+        if not consumed:
+            return
+        self.counters.consumed += len(consumed)
+        batch = decode_and_validate(
+            [message.value() for message in consumed],
+            [message.key() for message in consumed],
+            self._settings.max_event_bytes,
+        )
+        for index, record_error in batch.errors:
+            self._dead_letter(consumed[index], record_error)
+        if batch.indexes:
+            self._score_and_publish([consumed[index] for index in batch.indexes], batch)
 
-    def _score_and_publish(
-        self, messages: list[KafkaMessage], records: list[dict[str, Any]]
-    ) -> None:
-        scores = self._score(records)
-        scored_at = time.time_ns() // 1_000_000
+    def _score_and_publish(self, messages: list[KafkaMessage], batch: TransactionBatch) -> None:
+        scores: list[float] = self._score(batch).tolist()
         threshold = self._threshold
+        values = encode_verdicts(
+            batch,
+            scores,
+            threshold=threshold,
+            model_name=self._model_name,
+            model_version=self._model_version,
+            scored_at=time.time_ns() // 1_000_000,
+        )
         track = self._tracker.track
         produce = self._producer.produce
         output_topic = self._output_topic
-        flagged = 0
-        for message, record, score in zip(messages, records, scores.tolist(), strict=True):
+        flagged = verdicts = 0
+        for message, value, score in zip(messages, values, scores, strict=True):
             if not 0.0 <= score <= 1.0:  # also catches NaN
                 self._dead_letter(message, ScoreError(f"model returned score {score!r}"))
                 continue
-            is_fraud = score >= threshold
-            flagged += is_fraud
+            flagged += score >= threshold
             topic, partition, offset = _source(message)
-            value = encode_verdict(
-                {
-                    "transaction_id": record["transaction_id"],
-                    "card_id": record["card_id"],
-                    "score": score,
-                    "is_fraud": is_fraud,
-                    "threshold": threshold,
-                    "model_name": self._model_name,
-                    "model_version": self._model_version,
-                    "event_time": record["event_time"],
-                    "scored_at": scored_at,
-                }
-            )
             produce(
                 output_topic,
                 message.key(),
@@ -314,19 +300,21 @@ class ScoringApp:
                 source_headers(topic, partition, offset),
                 track(topic, partition, offset),
             )
-            self.counters.verdicts += 1
+            verdicts += 1
+        self.counters.verdicts += verdicts
         self.counters.flagged += flagged
 
-    def _score(self, records: list[dict[str, Any]]) -> np.ndarray:
+    def _score(self, batch: TransactionBatch) -> np.ndarray:
         """Score the batch in one call; if the model fails, isolate the records it fails on."""
+        features = build_features_from_columns(batch.columns)
         try:
-            return self._scorer.score(build_features(records))
+            return self._scorer.score(features)
         except Exception as exc:  # the model is third-party code; a failure must not lose records
             log.warning("batch scoring failed, scoring records one by one", error=repr(exc))
-        scores = np.empty(len(records))
-        for index, record in enumerate(records):
+        scores = np.empty(len(features))
+        for index in range(len(features)):
             try:
-                scores[index] = self._scorer.score(build_features([record]))[0]
+                scores[index] = self._scorer.score(features[index : index + 1])[0]
             except Exception as exc:  # as above; NaN routes the record to the dead-letter topic
                 log.warning("record scoring failed", error=repr(exc))
                 scores[index] = np.nan
