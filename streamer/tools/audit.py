@@ -73,9 +73,9 @@ READER_OVERRIDES: Final[dict[str, Any]] = {
     # A start offset deleted by retention while we read must fail the read, not jump to the end.
     "auto.offset.reset": "error",
     "enable.partition.eof": False,
-    # Large fetches: reading a topic from the start is throughput-bound, not latency-bound.
+    # Large fetches: reading a topic from the start is throughput-bound, not latency-bound
+    # (several times fewer round trips than the 1 MiB default, for about 150 MB more memory).
     "max.partition.fetch.bytes": 10 * 1024 * 1024,
-    "queued.min.messages": 500_000,
 }
 
 # Source codes of an output that names no partition of the input topic (partitions are >= 0).
