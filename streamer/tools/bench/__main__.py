@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "passthrough":
             return _passthrough(args)
+        # SIGTERM (scripts/bench passes its signals on) unwinds like Ctrl-C: the processors
+        # are stopped and the topics deleted on the way out.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         # Imported here: the pass-through process needs none of it (numpy, the model, matplotlib).
         from streamer.tools.bench.harness import run_bench
 
