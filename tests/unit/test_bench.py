@@ -1,4 +1,4 @@
-"""The bench's pure parts: percentiles, stage costs, targets, tables, JSON, flags, processes."""
+"""The bench without a broker: statistics, targets, report, flags, hot-loop breakdown, processes."""
 
 from __future__ import annotations
 
@@ -6,13 +6,24 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from confluent_kafka import Consumer
 
+from streamer.app import ScoringApp
+from streamer.headers import Headers, header_map
+from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.model.scorer import Scorer
+from streamer.serde import decode_verdict, encode_transaction
+from streamer.settings import Settings
+from streamer.synthetic import SyntheticWorld
 from streamer.tools.bench import QUICK, BenchError, BenchOptions
 from streamer.tools.bench.__main__ import build_parser, options_from, parse_rates
+from streamer.tools.bench.breakdown import STAGES, InputRecord, StageTimes, time_hot_loop
 from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
     PASSTHROUGH,
@@ -343,6 +354,158 @@ class TestSourceOf:
     def test_missing_header(self) -> None:
         assert source_of([("streamer.source.partition", b"3")]) is None
         assert source_of(None) is None
+
+
+@dataclass
+class RecordingProducer:
+    """Stands in for OutputProducer: keeps what is produced, acknowledges it on poll or flush."""
+
+    produced: list[tuple[str, bytes | None, bytes | None, dict[str, str]]] = field(
+        default_factory=list
+    )
+    pending: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
+        self.produced.append((topic, key, value, header_map(headers)))
+        self.pending.append(on_delivery)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        for callback in self.pending:
+            callback(None, None)
+        self.pending.clear()
+
+    def flush(self, timeout: float) -> int:
+        self.poll()
+        return 0
+
+
+@dataclass
+class StubMessage:
+    """What the scorer's consumer hands it (see `KafkaMessage`)."""
+
+    _key: bytes
+    _value: bytes
+    _offset: int
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+    def error(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+def synthetic_batches(count: int, size: int) -> list[list[InputRecord]]:
+    records: list[InputRecord] = [
+        (event.record["card_id"].encode(), encode_transaction(event.record), 0, offset)
+        for offset, event in enumerate(SyntheticWorld(5).generate(count))
+    ]
+    return [records[i : i + size] for i in range(0, count, size)]
+
+
+def verdicts_without_time(
+    produced: list[tuple[str, bytes | None, bytes | None, dict[str, str]]],
+) -> list[tuple[bytes | None, dict[str, Any], str]]:
+    shown = []
+    for _topic, key, value, headers in produced:
+        verdict = decode_verdict(value or b"")
+        del verdict["scored_at"]
+        shown.append((key, verdict, headers["streamer.source.offset"]))
+    return shown
+
+
+class TestHotLoopBreakdown:
+    @pytest.fixture
+    def scorer(self, model_path: Path) -> Scorer:
+        return Scorer.from_path(model_path)
+
+    def test_produces_what_the_scorer_produces(self, scorer: Scorer) -> None:
+        """The timed loop is the scorer's: same verdicts, keys and source offsets, in order."""
+        batches = synthetic_batches(120, 50)
+        timed = RecordingProducer()
+        time_hot_loop(
+            batches,
+            scorer,
+            cast(OutputProducer, timed),
+            source_topic="in",
+            output_topic="out",
+            max_event_bytes=65_536,
+        )
+        scoring = RecordingProducer()
+        app = ScoringApp(
+            Settings(output_topic="out"),
+            scorer,
+            cast(Consumer, object()),
+            ClientErrors("consumer"),
+            cast(OutputProducer, scoring),
+        )
+        for batch in batches:
+            app.process([StubMessage(key, value, offset) for key, value, _, offset in batch])
+        assert len(timed.produced) == 120
+        assert verdicts_without_time(timed.produced) == verdicts_without_time(scoring.produced)
+
+    def test_every_stage_is_timed(self, scorer: Scorer) -> None:
+        producer = cast(OutputProducer, RecordingProducer())
+        times = time_hot_loop(
+            synthetic_batches(100, 50),
+            scorer,
+            producer,
+            source_topic="in",
+            output_topic="out",
+            max_event_bytes=65_536,
+        )
+        assert list(times.wall) == list(STAGES) == list(times.cpu)
+        assert all(seconds > 0 for seconds in times.wall.values())
+
+    def test_a_refused_record_fails_the_breakdown(self, scorer: Scorer) -> None:
+        """The breakdown times the happy path only; a bad record is a bench error, not a cost."""
+        batches = synthetic_batches(10, 10)
+        key, _value, partition, offset = batches[0][3]
+        batches[0][3] = (key, b"not avro", partition, offset)
+        with pytest.raises(BenchError, match="record 3 of a synthetic batch was refused"):
+            time_hot_loop(
+                batches,
+                scorer,
+                cast(OutputProducer, RecordingProducer()),
+                source_topic="in",
+                output_topic="out",
+                max_event_bytes=65_536,
+            )
+
+    def test_moving_a_lap_takes_it_off_the_source(self) -> None:
+        """Splitting a call into two stages moves time between them and loses none."""
+        times = StageTimes()
+        times.start()
+        sum(range(10_000))
+        times.lap("decode")
+        whole_wall, whole_cpu = times.wall["decode"], times.cpu["decode"]
+        sum(range(10_000))
+        times.move_lap("decode", "validate")
+        assert times.wall["validate"] > 0
+        assert times.wall["decode"] + times.wall["validate"] == pytest.approx(whole_wall)
+        assert times.cpu["decode"] + times.cpu["validate"] == pytest.approx(whole_cpu)
 
 
 class TestChildProcess:
