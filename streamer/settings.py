@@ -167,6 +167,9 @@ class Settings(BaseSettings):
             # callback (where we flush and commit) simple and complete.
             "partition.assignment.strategy": "range,roundrobin",
             "fetch.wait.max.ms": 10,
+            # librdkafka prefetches up to 64 MiB per consumer by default; 16 MiB (about 100,000
+            # events) keeps a batch always ready and the process under its memory budget.
+            "queued.max.messages.kbytes": 16_384,
             "session.timeout.ms": 45_000,
             "max.poll.interval.ms": 300_000,
         }
