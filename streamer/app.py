@@ -267,27 +267,47 @@ class ScoringApp:
             [message.key() for message in consumed],
             self._settings.max_event_bytes,
         )
-        for index, record_error in batch.errors:
-            self._dead_letter(consumed[index], record_error)
+        scores: list[float] = []
+        values: list[bytes] = []
         if batch.indexes:
-            self._score_and_publish([consumed[index] for index in batch.indexes], batch)
+            scores = self._score(batch).tolist()
+            values = encode_verdicts(
+                batch,
+                scores,
+                threshold=self._threshold,
+                model_name=self._model_name,
+                model_version=self._model_version,
+                scored_at=time.time_ns() // 1_000_000,
+            )
+        self._publish(consumed, batch, scores, values)
 
-    def _score_and_publish(self, messages: list[KafkaMessage], batch: TransactionBatch) -> None:
-        scores: list[float] = self._score(batch).tolist()
+    def _publish(
+        self,
+        consumed: list[KafkaMessage],
+        batch: TransactionBatch,
+        scores: list[float],
+        values: list[bytes],
+    ) -> None:
+        """Produce every record's verdict or dead letter, in consume order.
+
+        The order matters: the delivery tracker advances each partition's commit position over
+        offsets in the order they were tracked.
+        """
+        errors = dict(batch.errors)
         threshold = self._threshold
-        values = encode_verdicts(
-            batch,
-            scores,
-            threshold=threshold,
-            model_name=self._model_name,
-            model_version=self._model_version,
-            scored_at=time.time_ns() // 1_000_000,
-        )
         track = self._tracker.track
         produce = self._producer.produce
         output_topic = self._output_topic
         flagged = verdicts = 0
-        for message, value, score in zip(messages, values, scores, strict=True):
+        good = 0
+        for index, message in enumerate(consumed):
+            record_error = errors.get(index)
+            if record_error is not None:
+                self._dead_letter(message, record_error)
+                continue
+            score = scores[good]
+            value = values[good]
+            good += 1
             if not 0.0 <= score <= 1.0:  # also catches NaN
                 self._dead_letter(message, ScoreError(f"model returned score {score!r}"))
                 continue
@@ -301,6 +321,7 @@ class ScoringApp:
                 track(topic, partition, offset),
             )
             verdicts += 1
+        assert good == len(scores), "every decoded record was scored once"
         self.counters.verdicts += verdicts
         self.counters.flagged += flagged
 

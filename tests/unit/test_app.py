@@ -191,3 +191,22 @@ class TestProcess:
         app.process([error, *_good_messages(2)])
         assert app.counters.consumed == 2
         assert len(producer.produced) == 2
+
+
+class TestCommitPosition:
+    def test_outputs_are_produced_in_offset_order(self, scorer: Scorer) -> None:
+        """Dead letters and verdicts leave in consume order, so the commit position reaches the
+        end of the batch even when its last records are dead-lettered."""
+        producer = RecordingProducer()
+        app = _app(scorer, producer)
+        messages = [
+            StubMessage(b"\x00garbage", b"k", 0),
+            *_good_messages(3, start_offset=1),
+            StubMessage(None, b"k", 4),
+            StubMessage(b"\x01", b"k", 5),
+        ]
+        app.process(messages)
+        sources = [int(p.headers["streamer.source.offset"]) for p in producer.produced]
+        assert sources == [0, 1, 2, 3, 4, 5]
+        producer.poll()
+        assert app._tracker.positions() == [(INPUT, 0, 6)]
