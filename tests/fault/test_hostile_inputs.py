@@ -297,16 +297,7 @@ NOT_DELIVERED: Final = re.compile(r"output for (\S+)\[(\d+)\]@(\d+) was not deli
 UNWRITABLE_CASES: Final = [
     pytest.param("at-least-once", "dead letters"),
     pytest.param("exactly-once", "dead letters"),
-    pytest.param(
-        "at-least-once",
-        "verdicts",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="at-least-once commits past refused verdicts when a dead letter of a later "
-            "record of the same batch is acknowledged first: ScoringApp.process tracks the batch's "
-            "dead letters before its verdicts, so DeliveryTracker sees offsets out of order",
-        ),
-    ),
+    pytest.param("at-least-once", "verdicts"),
     pytest.param("exactly-once", "verdicts"),
 ]
 
@@ -414,7 +405,11 @@ def test_unwritable_output_topic_stops_the_scorer(
             inputs=after["inputs"], missing=after["missing"], duplicates=after["duplicates"]
         )
         assert after["inputs"] == len(placed)
-        assert after["dead_letters"] == 1
+        # At-least-once may repeat the outputs that were delivered before the stop (the dead
+        # letter past the refused verdicts, say); exactly-once never shows them twice.
+        assert after["dead_letters"] == 1 + (
+            after["extra_outputs"] if mode == "at-least-once" else 0
+        )
         assert after["missing"] == 0, after
         if mode == "exactly-once":
             assert after["duplicates"] == 0, after
