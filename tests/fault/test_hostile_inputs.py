@@ -358,13 +358,15 @@ def test_unwritable_output_topic_stops_the_scorer(
     refusing_topic = topics.output if refused == "verdicts" else topics.dlq
     events = list(SyntheticWorld(3201).generate(scaled(600, 20_000)))
     good = [(e.record["card_id"].encode(), encode_transaction(e.record)) for e in events]
-    half = len(good) // 2
+    # The malformed record sits inside the first poll batch (up to 500 records), after some good
+    # ones: that batch holds verdicts of earlier records and the dead letter of a later one.
+    good_first = 100
     placed = produce_tracked(
         bootstrap_servers,
         topics.input,
-        [*good[:half], (good[0][0], b"\x00\x01not avro\xff"), *good[half:]],
+        [*good[:good_first], (good[0][0], b"\x00\x01not avro\xff"), *good[good_first:]],
     )
-    bad = placed[half].offset
+    bad = placed[good_first].offset
     refused_offsets = (
         [bad] if refused == "dead letters" else [p.offset for p in placed if p.offset != bad]
     )
