@@ -27,21 +27,21 @@ EXIT_USAGE = 2
 EXIT_MODEL_REFUSED = 3
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model-path", type=Path, help="model artefact")
     run.add_argument("--threshold", type=float, help="score at or above which is_fraud is true")
     run.add_argument("--processing-guarantee", choices=["at-least-once", "exactly-once"])
-    run.add_argument("--batch-size", type=_positive_int, help="most records per poll")
+    run.add_argument("--batch-size", type=positive_int, help="most records per poll")
     run.add_argument(
         "--until-idle",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="SECONDS",
         help="exit 0 after this long with nothing to consume",
     )
@@ -112,22 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fit the model and write its artefact and card")
     train.add_argument("--model-path", type=Path, help="where to write the artefact")
     train.add_argument("--seed", type=int, default=None, help="training data seed (default 7)")
-    train.add_argument("--size", type=_positive_int, default=None, help="training set size")
+    train.add_argument("--size", type=positive_int, default=None, help="training set size")
     train.add_argument("--if-missing", action="store_true", help="do nothing if a model exists")
     train.add_argument("--log-format", choices=["console", "json"])
     train.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     produce = commands.add_parser("produce", help="publish synthetic transactions")
     _add_common(produce)
-    produce.add_argument("--count", type=_positive_int, default=10_000)
+    produce.add_argument("--count", type=positive_int, default=10_000)
     produce.add_argument(
-        "--rate", type=_non_negative_float, default=0.0, help="events/s (0: as fast as possible)"
+        "--rate", type=non_negative_float, default=0.0, help="events/s (0: as fast as possible)"
     )
     produce.add_argument("--seed", type=int, default=None, help="default: a random seed")
 
     tail = commands.add_parser("tail", help="print verdicts as they arrive")
     _add_common(tail)
-    tail.add_argument("--count", type=_positive_int, help="stop after this many")
+    tail.add_argument("--count", type=positive_int, help="stop after this many")
     tail.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--format", choices=["json", "table"], default="table", dest="output_format")
 
@@ -135,18 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
     create = topic_commands.add_parser("create", help="create input, output and DLQ if missing")
     _add_common(create)
-    create.add_argument("--partitions", type=_positive_int, default=3)
+    create.add_argument("--partitions", type=positive_int, default=3)
     create.add_argument("--replication-factor", type=int, default=-1)
 
     demo = commands.add_parser(
         "demo", help="train if needed, stream synthetic events through a scorer, print a summary"
     )
     _add_common(demo)
-    demo.add_argument("--count", type=_positive_int, default=20_000, help="events in the burst")
+    demo.add_argument("--count", type=positive_int, default=20_000, help="events in the burst")
     demo.add_argument(
-        "--latency-rate", type=_non_negative_float, default=2_000.0, help="events/s when pacing"
+        "--latency-rate", type=non_negative_float, default=2_000.0, help="events/s when pacing"
     )
-    demo.add_argument("--latency-count", type=_positive_int, default=6_000)
+    demo.add_argument("--latency-count", type=positive_int, default=6_000)
     demo.add_argument("--model-path", type=Path)
 
     audit = commands.add_parser(
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print one JSON object")
     audit.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="give up on a partition that makes no progress for this long, e.g. held back by "
@@ -245,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OFFSET",
         help="with --partition: last offset (inclusive)",
     )
-    replay.add_argument("--limit", type=_positive_int, help="replay at most this many")
+    replay.add_argument("--limit", type=positive_int, help="replay at most this many")
     replay.add_argument(
         "--dry-run", action="store_true", help="print what would be replayed; send nothing"
     )
     replay.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="give up on a partition that makes no progress for this long (default 30)",

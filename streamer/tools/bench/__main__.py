@@ -17,34 +17,17 @@ from pathlib import Path
 import structlog
 from confluent_kafka import KafkaException
 
+from streamer.cli import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from streamer.errors import ConfigError, StreamerError
 from streamer.logging import configure_logging
 from streamer.settings import load_settings
 from streamer.tools.bench import QUICK, BenchOptions
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -72,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap-servers", help="Kafka bootstrap servers")
     run.add_argument("--model-path", type=Path, help="model artefact (default: the settings')")
     run.add_argument("--quick", action="store_true", help="a short run for development")
-    run.add_argument("--events", type=_positive_int, help="preloaded events (default 500,000)")
-    run.add_argument("--partitions", type=_positive_int, help="input partitions (default 4)")
+    run.add_argument("--events", type=positive_int, help="preloaded events (default 500,000)")
+    run.add_argument("--partitions", type=positive_int, help="input partitions (default 4)")
     run.add_argument(
         "--rates", type=parse_rates, help="paced rates, events/s (default 1000,5000,20000)"
     )
-    run.add_argument("--latency-seconds", type=_positive_float, help="measured s per rate")
-    run.add_argument("--warmup-seconds", type=_non_negative_float, help="unmeasured s per rate")
-    run.add_argument("--breakdown-records", type=_positive_int, help="records timed per stage")
+    run.add_argument("--latency-seconds", type=positive_float, help="measured s per rate")
+    run.add_argument("--warmup-seconds", type=non_negative_float, help="unmeasured s per rate")
+    run.add_argument("--breakdown-records", type=positive_int, help="records timed per stage")
     run.add_argument("--out-dir", type=Path, help="results folder (default bench-results)")
     run.add_argument("--kafka-version", help="broker version, for the report")
 
@@ -91,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     passthrough.add_argument("--group-id")
     passthrough.add_argument("--log-format", choices=["console", "json"])
     passthrough.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    passthrough.add_argument("--until-idle", type=_non_negative_float, metavar="SECONDS")
+    passthrough.add_argument("--until-idle", type=non_negative_float, metavar="SECONDS")
     return parser
 
 
