@@ -422,7 +422,8 @@ class ScoringApp:
             return
         # Wait for the deliveries first: a refused output shows up here, with its reason, rather
         # than as a transaction that cannot commit.
-        remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
+        with transactions.watchdog.guard("flush", SHUTDOWN_FLUSH_SECONDS):
+            remaining = self._producer.flush(SHUTDOWN_FLUSH_SECONDS)
         if self._tracker.failures or remaining:
             reason = f"an output was not delivered ({remaining} unacknowledged after the wait)"
             if rewind:

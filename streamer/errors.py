@@ -31,6 +31,10 @@ class KafkaFatalError(StreamerError):
     """A Kafka client reported an error it cannot recover from."""
 
 
+class StalledError(KafkaFatalError):
+    """A Kafka client call blocked far past its own timeout; the process ends to be restarted."""
+
+
 class FencedError(StreamerError):
     """Exactly-once: another scorer took over this one's partitions or transactional id.
 

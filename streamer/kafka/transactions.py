@@ -9,6 +9,9 @@ transaction. librdkafka sorts the errors of the transactional calls into three k
 - abortable: the transaction is aborted and the caller rewinds the consumer to the committed
   offsets, so the aborted records are read and scored again;
 - fatal (fenced, or the producer's state is lost): the process stops with a message that says why.
+
+A call that blocks far past its timeout (a known librdkafka hang) ends the process through the
+`Watchdog`, so that it is restarted rather than left alive and idle.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamer.errors import FencedError, KafkaFatalError
 from streamer.kafka.clients import OutputProducer
+from streamer.kafka.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -60,10 +64,18 @@ class AbortableError(Exception):
 class Transactions:
     """Begins, commits and aborts the scorer's transactions; at most one is open at a time."""
 
-    def __init__(self, producer: OutputProducer, consumer: Consumer, transactional_id: str):
+    def __init__(
+        self,
+        producer: OutputProducer,
+        consumer: Consumer,
+        transactional_id: str,
+        watchdog: Watchdog | None = None,
+    ):
         self._producer = producer.client
         self._consumer = consumer
         self.transactional_id = transactional_id
+        self.watchdog = watchdog if watchdog is not None else Watchdog()
+        """Ends the process if a call blocks far past its timeout (`streamer.kafka.watchdog`)."""
         self.opened_at: float | None = None
         self.committed = 0
         self.aborted = 0
@@ -133,7 +145,8 @@ class Transactions:
         deadline = time.monotonic() + RETRY_FOR_SECONDS
         while True:
             try:
-                return call()
+                with self.watchdog.guard(what, CALL_TIMEOUT_SECONDS):
+                    return call()
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
                 if not isinstance(error, KafkaError):
