@@ -30,6 +30,7 @@ _PROTECTED_KAFKA_KEYS: Final = frozenset(
     {
         "enable.auto.offset.store",
         "enable.idempotence",
+        "delivery.report.only.error",
         "acks",
         "isolation.level",
         "transactional.id",
@@ -183,7 +184,9 @@ class Settings(BaseSettings):
         """The scorer's producer: idempotent, every replica acknowledges, small linger.
 
         `transactional` (exactly-once mode) adds the transactional id; a record must then be
-        delivered within the transaction timeout, so `delivery.timeout.ms` follows it.
+        delivered within the transaction timeout, so `delivery.timeout.ms` follows it. Its
+        delivery reports are for failures only: a transaction commits once every output is
+        delivered, so a report per success would be work (a Python call per record) for nothing.
         """
         config: dict[str, Any] = {
             "enable.idempotence": True,
@@ -202,6 +205,7 @@ class Settings(BaseSettings):
             config["transactional.id"] = self.transactional_id()
             config["transaction.timeout.ms"] = timeout
             config["delivery.timeout.ms"] = timeout
+            config["delivery.report.only.error"] = True
         config.update(common)
         return config
 

@@ -108,7 +108,16 @@ class TestKafkaPassThrough:
         assert producer["transactional.id"] == "scorers-pod-0"
         assert int(producer["transaction.timeout.ms"]) == 20000
         assert producer["delivery.timeout.ms"] == 20000
+        assert producer["delivery.report.only.error"] is True
         assert "transactional.id" not in settings.producer_config()
+        # at-least-once moves its commit position on each success report.
+        assert "delivery.report.only.error" not in settings.producer_config()
+
+    def test_success_reports_cannot_be_switched_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """at-least-once commits nothing without them, so the pass-through is refused."""
+        monkeypatch.setenv("STREAMER_KAFKA_DELIVERY_REPORT_ONLY_ERROR", "true")
+        with pytest.raises(ConfigError, match="STREAMER_KAFKA_DELIVERY_REPORT_ONLY_ERROR"):
+            load_settings()
 
     def test_default_instance_id_is_unique_per_process(self) -> None:
         """Without STREAMER_INSTANCE_ID the transactional id names the host and the process."""
