@@ -7,6 +7,7 @@ as a failure, 2 bad usage or configuration, 3 a refused model.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,17 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what start-up built (modules, the model, the clients) from garbage collection.
+
+    They live as long as the process, yet every full collection would walk them all: with
+    scikit-learn loaded that is over 100,000 objects and a pause of about 100 ms, every few tens
+    of thousands of records. Call it once, right before the loop.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _non_negative_int(text: str) -> int:
@@ -324,6 +336,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     )
     app = ScoringApp.create(settings, scorer)
     app.install_signal_handlers()
+    freeze_startup_objects()
     app.run(until_idle=args.until_idle)
     return 0
 

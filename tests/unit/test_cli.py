@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 
 import pytest
 
-from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, build_parser, main
+from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, build_parser, freeze_startup_objects, main
 from streamer.tools.produce import ProgressBar
 
 
@@ -84,3 +85,14 @@ class TestProgressBar:
         bar.update(10, force=True)
         bar.close()
         assert stream.getvalue() == ""
+
+
+class TestFreezeStartupObjects:
+    def test_objects_alive_at_start_up_leave_the_collector(self) -> None:
+        """What exists before the loop is frozen, so full collections skip it."""
+        kept = [object() for _ in range(10)]
+        try:
+            freeze_startup_objects()
+            assert gc.get_freeze_count() >= len(kept)
+        finally:
+            gc.unfreeze()
