@@ -13,8 +13,9 @@ How each number is taken, and why:
   wait at the end are left out; so is the time to process the first batch, one batch of
   hundreds. Every output is then read back (read_committed) and its source headers checked: an
   input without an output fails the run; duplicates (at-least-once allows them) are counted.
-- **Memory and CPU.** Each process is reaped with `os.wait4`, whose resource usage gives its
-  peak RSS (`ru_maxrss`) and its user + system CPU time, exactly.
+- **Memory and CPU.** Each process's peak RSS is the kernel's high-water mark of its own memory
+  (`VmHWM`), read while it runs (`ru_maxrss` would also count this bench process, which every
+  child is a copy of until it execs); its user + system CPU time comes from `os.wait4`, exactly.
 - **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
   above; the group's first rebalance is part of the window.
 - **Latency.** A fresh input topic per processor, the processor already running and caught up.
