@@ -94,6 +94,15 @@ class TestKafkaPassThrough:
         assert producer["enable.idempotence"] is True
         assert producer["acks"] == "all"
 
+    def test_client_buffers_are_bounded(self) -> None:
+        """The consumer prefetch and the producer queue stay small; a full prefetch queue pauses
+        fetching briefly, so the small queue does not starve the loop."""
+        settings = load_settings()
+        consumer = settings.consumer_config()
+        assert consumer["queued.max.messages.kbytes"] <= 4096
+        assert consumer["fetch.queue.backoff.ms"] <= 50
+        assert settings.producer_config()["queue.buffering.max.messages"] <= 100_000
+
     def test_exactly_once_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """exactly-once: a transactional producer, no consumer commits, committed input only."""
         monkeypatch.setenv("STREAMER_PROCESSING_GUARANTEE", "exactly-once")
