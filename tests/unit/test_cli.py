@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, build_parser, freeze_startup_objects, main
+from streamer.cli import (
+    EXIT_MODEL_REFUSED,
+    EXIT_USAGE,
+    YOUNG_COLLECTION_THRESHOLD,
+    build_parser,
+    main,
+    tune_garbage_collector,
+)
 from streamer.tools.produce import ProgressBar
 
 
@@ -87,12 +94,15 @@ class TestProgressBar:
         assert stream.getvalue() == ""
 
 
-class TestFreezeStartupObjects:
-    def test_objects_alive_at_start_up_leave_the_collector(self) -> None:
-        """What exists before the loop is frozen, so full collections skip it."""
+class TestTuneGarbageCollector:
+    def test_start_up_objects_leave_the_collector_and_young_collections_are_rarer(self) -> None:
+        """What exists before the loop is frozen; the youngest generation waits longer."""
         kept = [object() for _ in range(10)]
+        threshold = gc.get_threshold()
         try:
-            freeze_startup_objects()
+            tune_garbage_collector()
             assert gc.get_freeze_count() >= len(kept)
+            assert gc.get_threshold()[0] == YOUNG_COLLECTION_THRESHOLD > threshold[0]
         finally:
             gc.unfreeze()
+            gc.set_threshold(*threshold)

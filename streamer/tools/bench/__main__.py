@@ -20,10 +20,10 @@ from confluent_kafka import KafkaException
 from streamer.cli import (
     EXIT_FAILURE,
     EXIT_USAGE,
-    freeze_startup_objects,
     non_negative_float,
     positive_float,
     positive_int,
+    tune_garbage_collector,
 )
 from streamer.errors import ConfigError, StreamerError
 from streamer.logging import configure_logging
@@ -146,7 +146,7 @@ def _passthrough(args: argparse.Namespace) -> int:
     )
     passthrough = PassThrough(settings)
     passthrough.install_signal_handlers()
-    freeze_startup_objects()  # as `streamer run` does
+    tune_garbage_collector()  # as `streamer run` does
     try:
         passthrough.run(until_idle=args.until_idle)
     except (StreamerError, KafkaException) as exc:
