@@ -40,7 +40,9 @@ from streamer.headers import (
     ERROR_CLASS,
     ERROR_REASON,
     ERROR_STAGE,
+    SOURCE_OFFSET,
     SOURCE_TIMESTAMP,
+    source_header_prefix,
     source_headers,
 )
 from streamer.kafka.clients import (
@@ -52,7 +54,7 @@ from streamer.kafka.clients import (
     poll_batch,
     store_positions,
 )
-from streamer.kafka.delivery import DeliveryFailure, DeliveryTracker
+from streamer.kafka.delivery import DeliveryCallback, DeliveryFailure, DeliveryTracker
 from streamer.kafka.transactions import AbortableError, Transactions
 from streamer.model.scorer import Scorer
 from streamer.serde import TransactionBatch, decode_and_validate, encode_verdicts
@@ -238,11 +240,11 @@ class ScoringApp:
                 self._abort_quietly("the scorer is stopping on an error")
         finally:
             self._consumer.close()
-        log.info(
-            "scorer stopped",
-            acknowledged=self._tracker.acknowledged_total,
-            **self.counters.as_dict(),
+        # Exactly-once reports failed deliveries only; its commits count what was delivered.
+        acknowledged = (
+            {"acknowledged": self._tracker.acknowledged_total} if self._transactions is None else {}
         )
+        log.info("scorer stopped", **acknowledged, **self.counters.as_dict())
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -262,10 +264,9 @@ class ScoringApp:
         if not consumed:
             return
         self.counters.consumed += len(consumed)
+        keys = [message.key() for message in consumed]
         batch = decode_and_validate(
-            [message.value() for message in consumed],
-            [message.key() for message in consumed],
-            self._settings.max_event_bytes,
+            [message.value() for message in consumed], keys, self._settings.max_event_bytes
         )
         scores: list[float] = []
         values: list[bytes] = []
@@ -279,11 +280,12 @@ class ScoringApp:
                 model_version=self._model_version,
                 scored_at=time.time_ns() // 1_000_000,
             )
-        self._publish(consumed, batch, scores, values)
+        self._publish(consumed, keys, batch, scores, values)
 
     def _publish(
         self,
         consumed: list[KafkaMessage],
+        keys: list[bytes | None],
         batch: TransactionBatch,
         scores: list[float],
         values: list[bytes],
@@ -291,34 +293,50 @@ class ScoringApp:
         """Produce every record's verdict or dead letter, in consume order.
 
         The order matters: the delivery tracker advances each partition's commit position over
-        offsets in the order they were tracked.
+        offsets in the order they were tracked. The topic and partition headers are built once per
+        partition of the batch.
         """
+        sources = [_source(message) for message in consumed]
+        # Each record's output value, filled as it is produced: names the input of a failure.
+        outputs: list[bytes | None] = []
+        if self._transactions is None:
+            callbacks = self._tracker.track_batch(sources, keys, outputs)
+        else:
+            # The transaction's commit waits for every output; only failures are reported.
+            callbacks = [self._tracker.failure_callback(sources, keys, outputs)] * len(sources)
+        prefixes = {
+            (topic, partition): source_header_prefix(topic, partition)
+            for topic, partition, _ in sources
+        }
         errors = dict(batch.errors)
         threshold = self._threshold
-        track = self._tracker.track
         produce = self._producer.produce
         output_topic = self._output_topic
         flagged = verdicts = 0
         good = 0
         for index, message in enumerate(consumed):
+            on_delivery = callbacks[index]
             record_error = errors.get(index)
+            if record_error is None:
+                score = scores[good]
+                value = values[good]
+                good += 1
+                if not 0.0 <= score <= 1.0:  # also catches NaN
+                    record_error = ScoreError(f"model returned score {score!r}")
             if record_error is not None:
-                self._dead_letter(message, record_error)
-                continue
-            score = scores[good]
-            value = values[good]
-            good += 1
-            if not 0.0 <= score <= 1.0:  # also catches NaN
-                self._dead_letter(message, ScoreError(f"model returned score {score!r}"))
+                outputs.append(message.value())
+                self._dead_letter(message, record_error, on_delivery)
                 continue
             flagged += score >= threshold
-            topic, partition, offset = _source(message)
+            topic, partition, offset = sources[index]
+            topic_header, partition_header = prefixes[(topic, partition)]
+            outputs.append(value)
             produce(
                 output_topic,
-                message.key(),
+                keys[index],
                 value,
-                source_headers(topic, partition, offset),
-                track(topic, partition, offset),
+                [topic_header, partition_header, (SOURCE_OFFSET, str(offset).encode())],
+                on_delivery,
             )
             verdicts += 1
         assert good == len(scores), "every decoded record was scored once"
@@ -341,7 +359,9 @@ class ScoringApp:
                 scores[index] = np.nan
         return scores
 
-    def _dead_letter(self, message: KafkaMessage, error: RecordError) -> None:
+    def _dead_letter(
+        self, message: KafkaMessage, error: RecordError, on_delivery: DeliveryCallback
+    ) -> None:
         topic, partition, offset = _source(message)
         reason = str(error).encode()[:MAX_REASON_BYTES]
         headers = [
@@ -368,7 +388,7 @@ class ScoringApp:
             message.key(),
             message.value(),
             headers,
-            self._tracker.track(topic, partition, offset),
+            on_delivery,
         )
         self.counters.dead_letters += 1
 
@@ -562,7 +582,9 @@ class ScoringApp:
             "progress",
             events_per_second=round(rate, 1),
             fraud_rate=round(counters.flagged / scored, 4) if scored else 0.0,
-            in_flight=self._tracker.in_flight(),
+            in_flight=self._tracker.in_flight()
+            if self._transactions is None
+            else len(self._producer),
             **counters.as_dict(),
         )
         return now, counters.consumed

@@ -7,6 +7,7 @@ as a failure, 2 bad usage or configuration, 3 a refused model.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,9 @@ log = structlog.get_logger("streamer.cli")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_MODEL_REFUSED = 3
+YOUNG_COLLECTION_THRESHOLD = 20_000
+"""Net allocations between two collections of the youngest generation in `streamer run`
+(Python's default: 700)."""
 
 
 def positive_int(text: str) -> int:
@@ -46,6 +50,23 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def tune_garbage_collector() -> None:
+    """Keep the garbage collector off the hot loop's back; call it once, right before the loop.
+
+    What start-up built (modules, the model, the clients) lives as long as the process, yet every
+    full collection would walk it all: with scikit-learn loaded over 100,000 objects, a pause of
+    about 100 ms every few tens of thousands of records. It is frozen, so collections skip it.
+    And the youngest generation is collected after 20,000 net allocations rather than 700: a
+    batch holds tens of thousands of tuples and lists for a moment (decoded records, columns),
+    which at 700 were walked by several collections per batch, about 1 µs per record, though
+    they die with the batch. The loop makes few reference cycles, so little waits longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def _non_negative_int(text: str) -> int:
@@ -324,6 +345,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     )
     app = ScoringApp.create(settings, scorer)
     app.install_signal_handlers()
+    tune_garbage_collector()
     app.run(until_idle=args.until_idle)
     return 0
 

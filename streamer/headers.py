@@ -42,6 +42,12 @@ def source_headers(topic: str, partition: int, offset: int) -> Headers:
     ]
 
 
+def source_header_prefix(topic: str, partition: int) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
+    """The topic and partition headers of `source_headers`, to reuse for every record of a
+    partition: `[*prefix, (SOURCE_OFFSET, str(offset).encode())]` equals `source_headers`."""
+    return (SOURCE_TOPIC, topic.encode()), (SOURCE_PARTITION, str(partition).encode())
+
+
 def header_map(headers: Headers | dict[str, str | bytes | None] | None) -> dict[str, str]:
     """Headers as a dict of text values (the last value wins for a repeated name)."""
     found: dict[str, str] = {}

@@ -93,6 +93,10 @@ class OutputProducer:
         """Serve delivery reports and client errors."""
         self._producer.poll(timeout)
 
+    def __len__(self) -> int:
+        """Outputs produced and not yet delivered (or failed)."""
+        return len(self._producer)
+
     def flush(self, timeout: float) -> int:
         """Wait until everything produced is acknowledged (or `timeout`); returns what remains."""
         return self._producer.flush(timeout)

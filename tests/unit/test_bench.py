@@ -510,13 +510,24 @@ class TestHotLoopBreakdown:
 
 class TestChildProcess:
     def test_exit_status_peak_rss_and_cpu(self, tmp_path: Path) -> None:
-        """Reaped with wait4: the child's own peak RSS (here > 64 MB touched) and CPU time."""
-        code = "b = bytearray(64 * 1024 * 1024); import sys; sys.exit(3)"
+        """The child's own peak RSS (here > 64 MB touched) and, from wait4, its CPU time."""
+        code = "b = bytearray(64 * 1024 * 1024); import sys, time; time.sleep(0.5); sys.exit(3)"
         child = ChildProcess("child", [sys.executable, "-c", code], {}, tmp_path / "c.log")
         assert child.wait(60) == 3
         assert child.peak_rss_mb > 64
         assert child.cpu_seconds is not None
         assert child.cpu_seconds > 0
+
+    @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+    def test_peak_rss_does_not_count_the_parent(self, tmp_path: Path) -> None:
+        """A small child of a large parent: its own high-water mark, not the parent's memory."""
+        parent_memory = bytearray(256 * 1024 * 1024)
+        parent_memory[::4096] = b"\x01" * len(parent_memory[::4096])  # make the pages resident
+        code = "b = bytearray(32 * 1024 * 1024); import time; time.sleep(1)"
+        child = ChildProcess("child", [sys.executable, "-c", code], {}, tmp_path / "c.log")
+        assert child.wait(60) == 0
+        assert 32 < child.peak_rss_mb < 200
+        del parent_memory
 
     def test_wait_past_the_timeout_kills_and_fails(self, tmp_path: Path) -> None:
         command = [

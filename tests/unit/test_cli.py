@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 
 import pytest
 
-from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, build_parser, main
+from streamer.cli import (
+    EXIT_MODEL_REFUSED,
+    EXIT_USAGE,
+    YOUNG_COLLECTION_THRESHOLD,
+    build_parser,
+    main,
+    tune_garbage_collector,
+)
 from streamer.tools.produce import ProgressBar
 
 
@@ -84,3 +92,17 @@ class TestProgressBar:
         bar.update(10, force=True)
         bar.close()
         assert stream.getvalue() == ""
+
+
+class TestTuneGarbageCollector:
+    def test_start_up_objects_leave_the_collector_and_young_collections_are_rarer(self) -> None:
+        """What exists before the loop is frozen; the youngest generation waits longer."""
+        kept = [object() for _ in range(10)]
+        threshold = gc.get_threshold()
+        try:
+            tune_garbage_collector()
+            assert gc.get_freeze_count() >= len(kept)
+            assert gc.get_threshold()[0] == YOUNG_COLLECTION_THRESHOLD > threshold[0]
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*threshold)

@@ -94,6 +94,15 @@ class TestKafkaPassThrough:
         assert producer["enable.idempotence"] is True
         assert producer["acks"] == "all"
 
+    def test_client_buffers_are_bounded(self) -> None:
+        """The consumer prefetch and the producer queue stay small; a full prefetch queue pauses
+        fetching briefly, so the small queue does not starve the loop."""
+        settings = load_settings()
+        consumer = settings.consumer_config()
+        assert consumer["queued.max.messages.kbytes"] <= 4096
+        assert consumer["fetch.queue.backoff.ms"] <= 50
+        assert settings.producer_config()["queue.buffering.max.messages"] <= 100_000
+
     def test_exactly_once_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """exactly-once: a transactional producer, no consumer commits, committed input only."""
         monkeypatch.setenv("STREAMER_PROCESSING_GUARANTEE", "exactly-once")
@@ -108,7 +117,16 @@ class TestKafkaPassThrough:
         assert producer["transactional.id"] == "scorers-pod-0"
         assert int(producer["transaction.timeout.ms"]) == 20000
         assert producer["delivery.timeout.ms"] == 20000
+        assert producer["delivery.report.only.error"] is True
         assert "transactional.id" not in settings.producer_config()
+        # at-least-once moves its commit position on each success report.
+        assert "delivery.report.only.error" not in settings.producer_config()
+
+    def test_success_reports_cannot_be_switched_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """at-least-once commits nothing without them, so the pass-through is refused."""
+        monkeypatch.setenv("STREAMER_KAFKA_DELIVERY_REPORT_ONLY_ERROR", "true")
+        with pytest.raises(ConfigError, match="STREAMER_KAFKA_DELIVERY_REPORT_ONLY_ERROR"):
+            load_settings()
 
     def test_default_instance_id_is_unique_per_process(self) -> None:
         """Without STREAMER_INSTANCE_ID the transactional id names the host and the process."""

@@ -23,6 +23,7 @@ from streamer.cli import (
     non_negative_float,
     positive_float,
     positive_int,
+    tune_garbage_collector,
 )
 from streamer.errors import ConfigError, StreamerError
 from streamer.logging import configure_logging
@@ -145,6 +146,7 @@ def _passthrough(args: argparse.Namespace) -> int:
     )
     passthrough = PassThrough(settings)
     passthrough.install_signal_handlers()
+    tune_garbage_collector()  # as `streamer run` does
     try:
         passthrough.run(until_idle=args.until_idle)
     except (StreamerError, KafkaException) as exc:

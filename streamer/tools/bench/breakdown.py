@@ -17,7 +17,7 @@ from typing import Final
 
 from streamer.events import screen_transactions
 from streamer.features import build_features_from_columns
-from streamer.headers import source_headers
+from streamer.headers import SOURCE_OFFSET, source_header_prefix
 from streamer.kafka.clients import OutputProducer
 from streamer.kafka.delivery import DeliveryTracker
 from streamer.model.scorer import Scorer
@@ -110,17 +110,21 @@ def time_hot_loop(
             scored_at=time.time_ns() // 1_000_000,
         )
         times.lap("encode")
-        for (key, _value, partition, offset), value, score in zip(
-            batch, values, scores, strict=True
+        sources = [(source_topic, partition, offset) for _key, _value, partition, offset in batch]
+        callbacks = tracker.track_batch(sources, keys, values)
+        prefixes = {(t, p): source_header_prefix(t, p) for t, p, _ in sources}
+        for (key, _value, partition, offset), value, score, on_delivery in zip(
+            batch, values, scores, callbacks, strict=True
         ):
             if not 0.0 <= score <= 1.0:
                 raise BenchError(f"model returned score {score!r}")
+            topic_header, partition_header = prefixes[(source_topic, partition)]
             producer.produce(
                 output_topic,
                 key,
                 value,
-                source_headers(source_topic, partition, offset),
-                tracker.track(source_topic, partition, offset),
+                [topic_header, partition_header, (SOURCE_OFFSET, str(offset).encode())],
+                on_delivery,
             )
         producer.poll(0)
         times.lap("produce")

@@ -13,8 +13,9 @@ How each number is taken, and why:
   wait at the end are left out; so is the time to process the first batch, one batch of
   hundreds. Every output is then read back (read_committed) and its source headers checked: an
   input without an output fails the run; duplicates (at-least-once allows them) are counted.
-- **Memory and CPU.** Each process is reaped with `os.wait4`, whose resource usage gives its
-  peak RSS (`ru_maxrss`) and its user + system CPU time, exactly.
+- **Memory and CPU.** Each process's peak RSS is the kernel's high-water mark of its own memory
+  (`VmHWM`), read while it runs (`ru_maxrss` would also count this bench process, which every
+  child is a copy of until it execs); its user + system CPU time comes from `os.wait4`, exactly.
 - **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
   above; the group's first rebalance is part of the window.
 - **Latency.** A fresh input topic per processor, the processor already running and caught up.
@@ -24,12 +25,13 @@ How each number is taken, and why:
   the `streamer.source.partition`/`.offset` headers both processors copy. Latency = output read -
   send. The first `warmup_seconds` of each rate are sent but not counted.
 - **Breakdown.** `breakdown.time_hot_loop` in this process, on a quiet machine (no processor
-  running yet).
+  running yet), with the garbage collector set as `streamer run` sets it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import math
@@ -46,6 +48,7 @@ from typing import Any, Final
 
 import confluent_kafka
 
+from streamer.cli import tune_garbage_collector
 from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import encode_transaction
@@ -219,7 +222,9 @@ class Bench:
         time_hot_loop(batches[:1], scorer, producer, **kwargs)
         measured = batches[1:]
         log(f"hot-loop breakdown over {sum(map(len, measured)):,} records")
-        return time_hot_loop(measured, scorer, producer, **kwargs), sum(map(len, measured))
+        with scorer_garbage_collector():
+            times = time_hot_loop(measured, scorer, producer, **kwargs)
+        return times, sum(map(len, measured))
 
     def throughput(
         self,
@@ -444,6 +449,18 @@ class Bench:
                 if key in consumer
             },
         }
+
+
+@contextlib.contextmanager
+def scorer_garbage_collector() -> Iterator[None]:
+    """The garbage collector as `streamer run` sets it (`cli.tune_garbage_collector`), then back."""
+    threshold = gc.get_threshold()
+    tune_garbage_collector()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 @contextlib.contextmanager

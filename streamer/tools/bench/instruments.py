@@ -1,7 +1,7 @@
 """The bench's measuring instruments: processes, topics, output readers, a paced producer.
 
-- `ChildProcess`: a processor in its own process; reaped with `os.wait4` for its peak RSS and
-  CPU time.
+- `ChildProcess`: a processor in its own process; its peak RSS read from `/proc` while it runs,
+  its CPU time from `os.wait4` when it is reaped.
 - `read_outputs`: reads an output topic to its end, takes the span of its record timestamps and
   checks that every input record has an output (by the `streamer.source.*` headers), counting
   duplicates.
@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -71,9 +71,19 @@ def log(message: str) -> None:
 class ChildProcess:
     """A processor started as a process of its own, its output in a log file.
 
-    The bench reaps it itself with `os.wait4`, which hands back the child's resource usage: its
-    peak resident set size and CPU time, exact, with no polling.
+    The bench reaps it itself with `os.wait4`, which hands back the child's CPU time, exact. Its
+    peak resident set size is the high-water mark the kernel keeps for the child's own memory
+    (`VmHWM` in `/proc/<pid>/status`), read each time the bench checks on any child (every 50 ms
+    while it waits for one) and kept when it exits. wait4's `ru_maxrss` would also count the
+    bench itself: a child's peak carries over from the copy of its parent it ran as until
+    `exec`. The mark only rises, so any reading after the peak is exact; a peak in a child's last
+    50 ms may be missed. Without `/proc`, or if the child exits before a first reading,
+    `ru_maxrss` is used.
     """
+
+    _running: ClassVar[set[ChildProcess]] = set()
+    """Children not yet reaped: each check on one reads the high-water mark of all of them, so a
+    child that exits while the bench waits for another has its readings too."""
 
     def __init__(
         self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: Path
@@ -91,6 +101,8 @@ class ChildProcess:
         self.status: int | None = None
         self.peak_rss_bytes: int | None = None
         self.cpu_seconds: float | None = None
+        self._high_water_bytes: int | None = None
+        ChildProcess._running.add(self)
 
     @property
     def pid(self) -> int:
@@ -107,18 +119,32 @@ class ChildProcess:
     def _reap(self, deadline: float | None) -> int | None:
         # Never Popen.poll/wait/send_signal: they would reap the child and lose its usage.
         while self.status is None:
+            for child in list(ChildProcess._running):
+                child._read_high_water()
             pid, status, usage = os.wait4(self.pid, os.WNOHANG)
             if pid:
+                ChildProcess._running.discard(self)
                 self.status = os.waitstatus_to_exitcode(status)
                 self._popen.returncode = self.status
                 scale = 1 if sys.platform == "darwin" else 1024  # bytes there, KiB on Linux
-                self.peak_rss_bytes = usage.ru_maxrss * scale
+                self.peak_rss_bytes = self._high_water_bytes or usage.ru_maxrss * scale
                 self.cpu_seconds = usage.ru_utime + usage.ru_stime
                 break
             if deadline is None or time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
         return self.status
+
+    def _read_high_water(self) -> None:
+        """Keep the child's peak RSS so far (`VmHWM`), if the kernel shows it."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):  # absent once the child is a zombie
+                self._high_water_bytes = int(line.split()[1]) * 1024
+                return
 
     def wait(self, timeout: float) -> int:
         """Wait for the process to exit by itself; kill it and fail after `timeout` s."""

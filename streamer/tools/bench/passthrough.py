@@ -3,9 +3,10 @@
 It does what the scorer does minus the scoring: the same consumer and producer configuration
 (`Settings.consumer_config()` / `producer_config()`), the same batch poll, each record produced
 with its key, its value bytes and the three `streamer.source.*` headers, and its offset stored
-only once the output is acknowledged (at-least-once, as the scorer). No decoding, validation,
-features, model or encoding. The bench runs it as a process of its own, like `streamer run`, so
-both are measured the same way; its events/s and latency are the ceiling for the scorer.
+only once the output is acknowledged (at-least-once, as the scorer, with the same per-partition
+delivery tracking). No decoding, validation, features, model or encoding. The bench runs it as a
+process of its own, like `streamer run`, so both are measured the same way; its events/s and
+latency are the ceiling for the scorer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import structlog
 from confluent_kafka import Consumer, TopicPartition
 
 from streamer.errors import DeliveryFailedError, KafkaFatalError
-from streamer.headers import source_headers
+from streamer.headers import SOURCE_OFFSET, source_header_prefix
 from streamer.kafka.clients import (
     ClientErrors,
     KafkaMessage,
@@ -74,13 +75,14 @@ class PassThrough:
             on_lost=self._on_lost,
         )
         consumer, producer, tracker = self._consumer, self._producer, self._tracker
-        produce, track = producer.produce, tracker.track
+        produce = producer.produce
         output_topic = settings.output_topic
         started = last_record = time.monotonic()
         try:
             while not self._stopping:
                 messages = poll_batch(consumer, settings.batch_size, settings.poll_timeout)
                 self._consumer_errors.raise_if_fatal()
+                records = []
                 for message in messages:
                     error = message.error()
                     if error is not None:
@@ -88,15 +90,25 @@ class PassThrough:
                             raise KafkaFatalError(f"consumer: {error.str()}")
                         log.warning("consumer error", error=error.str())
                         continue
-                    topic, partition, offset = _source(message)
+                    records.append(message)
+                # As the scorer: one tracked run and header prefix per partition.
+                sources = [_source(message) for message in records]
+                keys = [message.key() for message in records]
+                values = [message.value() for message in records]
+                callbacks = tracker.track_batch(sources, keys, values)
+                prefixes = {(t, p): source_header_prefix(t, p) for t, p, _ in sources}
+                for key, value, (topic, partition, offset), on_delivery in zip(
+                    keys, values, sources, callbacks, strict=True
+                ):
+                    topic_header, partition_header = prefixes[(topic, partition)]
                     produce(
                         output_topic,
-                        message.key(),
-                        message.value(),
-                        source_headers(topic, partition, offset),
-                        track(topic, partition, offset),
+                        key,
+                        value,
+                        [topic_header, partition_header, (SOURCE_OFFSET, str(offset).encode())],
+                        on_delivery,
                     )
-                    self.forwarded += 1
+                self.forwarded += len(records)
                 if messages:
                     last_record = time.monotonic()
                 producer.poll(0)
