@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from confluent_kafka.cimpl import NewTopic
 from streamer.kafka.clients import OutputProducer
 from streamer.model.artifact import load_model
 from streamer.serde import decode_transaction, decode_verdict, encode_transaction
-from streamer.synthetic import SyntheticWorld
+from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import publish
 from tests.conftest import Topics
 from tests.integration.support import (
@@ -210,23 +211,42 @@ class TestRebalance:
         self, bootstrap_servers: str, topics: Topics, model_path: Path
     ) -> None:
         """On revoke the first scorer commits what it finished: nothing lost, nothing repeated."""
-        # 15 s of events: starting a scorer process takes a few seconds (imports, group join), and
-        # the second must join while the first is still busy.
-        events = list(SyntheticWorld(404).generate(75_000))
+        # Events flow at 5,000/s until the second scorer has joined the group, then 3 s more, so
+        # the second always joins while the first is busy however slowly the processes start.
+        joined = threading.Event()
+        world = SyntheticWorld(404)
+
+        def until_joined() -> Iterator[LabelledTransaction]:
+            while not joined.is_set():
+                yield from world.generate(1_000)
+            yield from world.generate(15_000)
+
+        events: list[LabelledTransaction] = []
         feed = threading.Thread(
             target=publish,
-            args=(OutputProducer({"bootstrap.servers": bootstrap_servers}), topics.input, events),
-            kwargs={"rate": 5_000.0},
+            args=(
+                OutputProducer({"bootstrap.servers": bootstrap_servers}),
+                topics.input,
+                until_joined(),
+            ),
+            kwargs={"rate": 5_000.0, "on_sent": events.append},
         )
         env = scorer_env(bootstrap_servers, topics, model_path)
         first = start_scorer(env, "--until-idle", "3")
         feed.start()
-        deadline = time.monotonic() + 120
-        while not committed_progress(bootstrap_servers, topics):
-            assert first.poll() is None, first.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the first scorer made no progress"
-            time.sleep(0.2)
-        second = start_scorer(env, "--until-idle", "3")
+        try:
+            deadline = time.monotonic() + 120
+            while not committed_progress(bootstrap_servers, topics):
+                assert first.poll() is None, first.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "the first scorer made no progress"
+                time.sleep(0.2)
+            second = start_scorer(env, "--until-idle", "3")
+            while group_members(bootstrap_servers, topics) < 2:
+                assert second.poll() is None, second.communicate()[1][-3000:]
+                assert time.monotonic() < deadline + 120, "the second scorer did not join"
+                time.sleep(0.2)
+        finally:
+            joined.set()
         feed.join(timeout=120)
         _, first_log = first.communicate(timeout=180)
         _, second_log = second.communicate(timeout=180)
@@ -250,6 +270,13 @@ def stopped_counters(log: str) -> dict[str, int]:
             entry: dict[str, int] = json.loads(line)
             return entry
     raise AssertionError("no 'scorer stopped' line in the log")
+
+
+def group_members(bootstrap: str, topics: Topics) -> int:
+    """How many members the scorer group has now."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    group = admin.describe_consumer_groups([topics.group])[topics.group].result(timeout=30)
+    return len(group.members)
 
 
 def committed_progress(bootstrap: str, topics: Topics) -> bool:
