@@ -172,8 +172,20 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 def committed_offsets(bootstrap: str, topics: Topics) -> dict[int, int]:
-    """The scorer group's committed offsets on the input topic (partition → offset; -1001 none)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topics.group})
+    """The scorer group's committed offsets on the input topic (partition → offset; -1001 none).
+
+    Read uncommitted: a read_committed consumer asks for stable offsets only (KIP-447), and while
+    an exactly-once scorer's transaction holds offsets not yet committed (say it was frozen
+    between sending them and committing) the broker answers "unstable" until the transaction
+    ends, up to transaction.timeout.ms. Either way only committed offsets are returned.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": topics.group,
+            "isolation.level": "read_uncommitted",
+        }
+    )
     try:
         metadata = consumer.list_topics(topics.input, timeout=30)
         partitions = [
