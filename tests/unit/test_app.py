@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,12 +12,12 @@ import pytest
 from confluent_kafka import Consumer, KafkaError
 
 from streamer.app import ScoringApp
-from streamer.headers import Headers, header_map
 from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import SyntheticWorld
+from tests.unit.fakes import RecordingProducer
 
 INPUT = "transactions"
 
@@ -53,39 +52,6 @@ class StubMessage:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, 1_767_225_600_000 + self._offset)
-
-
-@dataclass
-class Produced:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, str]
-
-
-@dataclass
-class RecordingProducer:
-    """Stands in for OutputProducer; acknowledges everything when `poll` is called."""
-
-    produced: list[Produced] = field(default_factory=list)
-    pending: list[Callable[[Any, Any], None]] = field(default_factory=list)
-    errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
-
-    def produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers,
-        on_delivery: Callable[[Any, Any], None],
-    ) -> None:
-        self.produced.append(Produced(topic, key, value, header_map(headers)))
-        self.pending.append(on_delivery)
-
-    def poll(self, timeout: float = 0.0) -> None:
-        for callback in self.pending:
-            callback(None, None)
-        self.pending.clear()
 
 
 class FailingScorer:

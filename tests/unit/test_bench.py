@@ -6,8 +6,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,7 +14,6 @@ import pytest
 from confluent_kafka import Consumer
 
 from streamer.app import ScoringApp
-from streamer.headers import Headers, header_map
 from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_verdict, encode_transaction
@@ -40,6 +38,7 @@ from streamer.tools.bench.report import (
     report_to_json,
     stage_costs,
 )
+from tests.unit.fakes import Produced, RecordingProducer
 
 
 def latency(processor: str, rate: float, p99: float, *, missing: int = 0) -> Latency:
@@ -357,37 +356,6 @@ class TestSourceOf:
 
 
 @dataclass
-class RecordingProducer:
-    """Stands in for OutputProducer: keeps what is produced, acknowledges it on poll or flush."""
-
-    produced: list[tuple[str, bytes | None, bytes | None, dict[str, str]]] = field(
-        default_factory=list
-    )
-    pending: list[Callable[[Any, Any], None]] = field(default_factory=list)
-    errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
-
-    def produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers,
-        on_delivery: Callable[[Any, Any], None],
-    ) -> None:
-        self.produced.append((topic, key, value, header_map(headers)))
-        self.pending.append(on_delivery)
-
-    def poll(self, timeout: float = 0.0) -> None:
-        for callback in self.pending:
-            callback(None, None)
-        self.pending.clear()
-
-    def flush(self, timeout: float) -> int:
-        self.poll()
-        return 0
-
-
-@dataclass
 class StubMessage:
     """What the scorer's consumer hands it (see `KafkaMessage`)."""
 
@@ -426,13 +394,13 @@ def synthetic_batches(count: int, size: int) -> list[list[InputRecord]]:
 
 
 def verdicts_without_time(
-    produced: list[tuple[str, bytes | None, bytes | None, dict[str, str]]],
+    produced: list[Produced],
 ) -> list[tuple[bytes | None, dict[str, Any], str]]:
     shown = []
-    for _topic, key, value, headers in produced:
-        verdict = decode_verdict(value or b"")
+    for output in produced:
+        verdict = decode_verdict(output.value or b"")
         del verdict["scored_at"]
-        shown.append((key, verdict, headers["streamer.source.offset"]))
+        shown.append((output.key, verdict, output.headers["streamer.source.offset"]))
     return shown
 
 
