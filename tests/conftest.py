@@ -78,9 +78,8 @@ class Topics:
     group: str
 
 
-@pytest.fixture
-def topics(bootstrap_servers: str) -> Topics:
-    """Fresh input, output and dead-letter topics (3 partitions each) and a fresh group."""
+def fresh_topics(bootstrap: str, *, replication_factor: int = 1) -> Topics:
+    """Create fresh input, output and dead-letter topics (3 partitions each); a fresh group."""
     from streamer.kafka.admin import ensure_topics
 
     suffix = uuid.uuid4().hex[:12]
@@ -91,9 +90,15 @@ def topics(bootstrap_servers: str) -> Topics:
         group=f"streamer-{suffix}",
     )
     ensure_topics(
-        {"bootstrap.servers": bootstrap_servers},
+        {"bootstrap.servers": bootstrap},
         [names.input, names.output, names.dlq],
         partitions=3,
-        replication_factor=1,
+        replication_factor=replication_factor,
     )
     return names
+
+
+@pytest.fixture
+def topics(bootstrap_servers: str) -> Topics:
+    """Fresh input, output and dead-letter topics (3 partitions each) and a fresh group."""
+    return fresh_topics(bootstrap_servers)

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,10 +33,9 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from streamer.kafka.admin import ensure_topics
 from streamer.kafka.transactions import CALL_TIMEOUT_SECONDS
 from streamer.kafka.watchdog import STALL_GRACE_SECONDS
-from tests.conftest import KAFKA_LOCAL, Topics
+from tests.conftest import KAFKA_LOCAL, Topics, fresh_topics
 from tests.fault.support import (
     FULL,
     MODES,
@@ -173,19 +171,7 @@ def cluster_topics(cluster: Cluster) -> Iterator[Topics]:
     Afterwards every node runs again: a test that failed with a node down must not leave the next
     one a two-node cluster.
     """
-    suffix = uuid.uuid4().hex[:12]
-    names = Topics(
-        input=f"transactions-{suffix}",
-        output=f"verdicts-{suffix}",
-        dlq=f"dlq-{suffix}",
-        group=f"streamer-{suffix}",
-    )
-    ensure_topics(
-        {"bootstrap.servers": cluster.bootstrap},
-        [names.input, names.output, names.dlq],
-        partitions=3,
-        replication_factor=NODES,
-    )
+    names = fresh_topics(cluster.bootstrap, replication_factor=NODES)
     yield names
     cluster.run("start")
 
