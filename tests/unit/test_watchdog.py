@@ -106,12 +106,11 @@ def test_by_default_the_process_ends_with_the_error_logged() -> None:
         "with Watchdog(grace=0.2).guard('send_offsets_to_transaction', 0.2):\n"
         "    time.sleep(60)\n"
     )
-    started = time.monotonic()
+    # The call sleeps 60 s; ending within 30 s can only be the watchdog's doing.
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == STALLED_EXIT_STATUS, done.stderr
-    assert time.monotonic() - started < 50
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     stopped = [line for line in lines if line["event"] == "stopped"]
     assert len(stopped) == 1, done.stderr
