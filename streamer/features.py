@@ -38,15 +38,15 @@ MERCHANT_CATEGORIES: Final[tuple[str, ...]] = (
 )
 """The merchant categories the model knows, in code order. Append only: a code is an index here."""
 
-UNKNOWN_CATEGORY_CODE: Final = len(MERCHANT_CATEGORIES)
-"""Code of a merchant category not in `MERCHANT_CATEGORIES`.
+UNKNOWN_CODE: Final = math.nan
+"""Code of a merchant category not in `MERCHANT_CATEGORIES`, or a channel not in `events.CHANNELS`.
 
-Live data may carry categories the model was never trained on; they must score, not crash. The
-code is never seen in training, and HistGradientBoosting treats unseen categories as missing.
+Live data may carry categories the model was never trained on; they must score, not crash. An
+unknown code is a missing value, which the trees send down their missing-value branch (the side
+most training rows took when the column had no missing values), rather than a number that would
+rank it next to whichever category happens to have the last code. Validation rejects unknown
+channels; for them this is a safety net.
 """
-
-UNKNOWN_CHANNEL_CODE: Final = len(CHANNELS)
-"""Code of a channel not in `events.CHANNELS` (validation rejects those; this is a safety net)."""
 
 NIGHT_HOURS_END: Final = 6
 """Hours 0 to 5 UTC count as night, when legitimate card use is rarest."""
@@ -67,14 +67,18 @@ FEATURE_ORDER: Final[tuple[str, ...]] = (
 - amount_to_card_avg: amount / card_avg_amount; NaN when the card profile is unknown.
 - is_foreign: 1.0 when country != card_country, else 0.0; NaN when card_country is unknown.
 - card_present: 1.0 or 0.0.
-- channel: index in `events.CHANNELS`.
-- merchant_category: index in `MERCHANT_CATEGORIES`, `UNKNOWN_CATEGORY_CODE` otherwise.
+- channel: index in `events.CHANNELS`, `UNKNOWN_CODE` (NaN) otherwise.
+- merchant_category: index in `MERCHANT_CATEGORIES`, `UNKNOWN_CODE` (NaN) otherwise.
 - hour_of_day: UTC hour of event_time, 0 to 23.
 - is_night: 1.0 for hours before `NIGHT_HOURS_END`, else 0.0.
 """
 
 CATEGORICAL_FEATURES: Final[tuple[str, ...]] = ("channel", "merchant_category")
-"""The columns of `FEATURE_ORDER` that hold integer category codes, not quantities."""
+"""The columns of `FEATURE_ORDER` that hold category codes, not quantities.
+
+The model takes them as ordered numbers (see `model.train.HGB_PARAMS`); the model card records
+them, and load refuses a model whose card names other ones.
+"""
 
 _MS_PER_HOUR: Final = 3_600_000
 _NAN: Final = math.nan
@@ -99,8 +103,8 @@ def build_features(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Build the float64 feature matrix, shape (len(records), len(FEATURE_ORDER)).
 
     Records are decoded transaction dicts that passed `events.validate_transaction`, so every
-    field is present with the schema's type. Unknown categories and channels get their unknown
-    code; missing card enrichment gives NaN. An empty batch gives an empty (0, n) matrix.
+    field is present with the schema's type. Unknown categories and channels get `UNKNOWN_CODE`;
+    missing card enrichment gives NaN. An empty batch gives an empty (0, n) matrix.
     """
     # Transposing the dicts and building column-wise costs less than a tuple per record.
     return build_features_from_columns(
@@ -129,9 +133,9 @@ def build_features_from_columns(columns: Mapping[str, Sequence[Any]]) -> np.ndar
     ]
     out[:, 3] = columns["card_present"]
     channel_codes = _CHANNEL_CODES
-    out[:, 4] = [channel_codes.get(c, UNKNOWN_CHANNEL_CODE) for c in columns["channel"]]
+    out[:, 4] = [channel_codes.get(c, _NAN) for c in columns["channel"]]
     category_codes = _CATEGORY_CODES
-    out[:, 5] = [category_codes.get(c, UNKNOWN_CATEGORY_CODE) for c in columns["merchant_category"]]
+    out[:, 5] = [category_codes.get(c, _NAN) for c in columns["merchant_category"]]
     out[:, 6] = [millis // _MS_PER_HOUR % 24 for millis in columns["event_time"]]
     out[:, 7] = out[:, 6] < NIGHT_HOURS_END
     return out

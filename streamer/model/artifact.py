@@ -32,25 +32,22 @@ from streamer.features import CATEGORICAL_FEATURES, FEATURE_ORDER
 ARTIFACT_FORMAT: Final = "skops"
 """The only artefact format we write and read."""
 
-MODEL_MAJOR_VERSION: Final = 1
+MODEL_MAJOR_VERSION: Final = 2
 """Leading part of model versions; bump it when the feature contract changes."""
 
 TRUSTED_TYPES: Final[frozenset[str]] = frozenset(
     {
         # The fitted trees of HistGradientBoosting (arrays of nodes and bin thresholds).
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-        # HistGradientBoosting's internal ColumnTransformer passes numeric columns through a
-        # FunctionTransformer(functools.partial(check_array, ...)); skops checks the wrapped
-        # function separately, so trusting `partial` admits only trusted callables.
-        "functools.partial",
-        "sklearn.utils.validation.check_array",
     }
 )
 """Types beyond skops' built-in safe list that our HistGradientBoostingClassifier artefact needs.
 
 Reviewed from `skops.io.get_untrusted_types` on an artefact written by `streamer train` with
 scikit-learn 1.9.1 and skops 0.16: scikit-learn internals only. An artefact holding anything else
-is refused. Review again when upgrading scikit-learn or skops, never by copying the list blindly.
+is refused, including one trained before the category columns became ordered codes: that model's
+categorical preprocessing needed `functools.partial`, no longer trusted. Review again when
+upgrading scikit-learn or skops, never by copying the list blindly.
 """
 
 _FILE_MODE: Final = 0o644

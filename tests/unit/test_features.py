@@ -13,8 +13,7 @@ from streamer.features import (
     CATEGORICAL_FEATURES,
     FEATURE_ORDER,
     MERCHANT_CATEGORIES,
-    UNKNOWN_CATEGORY_CODE,
-    UNKNOWN_CHANNEL_CODE,
+    UNKNOWN_CODE,
     build_features,
     build_features_from_columns,
 )
@@ -131,9 +130,16 @@ class TestMissingAndUnknown:
         """card_country None makes is_foreign NaN."""
         assert math.isnan(_row(card_country=None)["is_foreign"])
 
-    def test_unknown_category_gets_unknown_code(self) -> None:
-        """A category the model never saw is coded UNKNOWN_CATEGORY_CODE, not an error."""
-        assert _row(merchant_category="space_tourism")["merchant_category"] == UNKNOWN_CATEGORY_CODE
+    def test_unknown_category_is_missing(self) -> None:
+        """A category the model never saw is a missing value (NaN), not an error or a rank."""
+        assert math.isnan(UNKNOWN_CODE)
+        assert math.isnan(_row(merchant_category="space_tourism")["merchant_category"])
+
+    def test_unknown_channel_is_missing(self) -> None:
+        """A channel outside CHANNELS (validation rejects those upstream) is NaN too."""
+        columns = {name: [value] for name, value in _record(channel="telepathy").items()}
+
+        assert math.isnan(build_features_from_columns(columns)[0, FEATURE_ORDER.index("channel")])
 
     def test_synthetic_records_are_nan_only_where_enrichment_is_missing(self) -> None:
         """On synthetic data, NaN appears only in the two enrichment-derived columns."""
@@ -154,14 +160,15 @@ class TestContract:
 
     @pytest.mark.parametrize("name", ["channel", "merchant_category"])
     def test_codes_are_categorical(self, name: str) -> None:
-        """The code columns are declared categorical, so trees do not treat codes as amounts."""
+        """The code columns are declared categorical, which the model card records."""
         assert name in CATEGORICAL_FEATURES
 
     def test_synthetic_world_uses_only_known_categories(self) -> None:
-        """The training data never produces the unknown category code."""
+        """The training data never produces an unknown category: every code indexes the list."""
         matrix = build_features([i.record for i in SyntheticWorld(3).generate(5_000)])
+        codes = _column(matrix, "merchant_category")
 
-        assert _column(matrix, "merchant_category").max() < UNKNOWN_CATEGORY_CODE
+        assert set(codes.tolist()) <= set(map(float, range(len(MERCHANT_CATEGORIES))))
 
 
 def row_by_row(records: list[dict[str, Any]]) -> np.ndarray:
@@ -177,9 +184,9 @@ def row_by_row(records: list[dict[str, Any]]) -> np.ndarray:
                 math.nan if country is None else float(r["country"] != country),
                 float(r["card_present"]),
                 float(CHANNELS.index(r["channel"])) if r["channel"] in CHANNELS
-                else UNKNOWN_CHANNEL_CODE,
+                else UNKNOWN_CODE,
                 float(MERCHANT_CATEGORIES.index(r["merchant_category"]))
-                if r["merchant_category"] in MERCHANT_CATEGORIES else UNKNOWN_CATEGORY_CODE,
+                if r["merchant_category"] in MERCHANT_CATEGORIES else UNKNOWN_CODE,
                 hour,
             )
         )  # fmt: skip

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_info
 from streamer.errors import ConfigError, ModelRefusedError
 from streamer.features import FEATURE_ORDER, build_features
 from streamer.model.artifact import (
+    MODEL_MAJOR_VERSION,
     TRUSTED_TYPES,
     ModelCard,
     card_path_for,
@@ -103,10 +104,27 @@ class TestTrainModel:
         assert trained[1].features == list(FEATURE_ORDER)
 
     def test_version_carries_date_and_sha(self, trained: tuple[Path, ModelCard]) -> None:
-        """The version is 1.<yyyymmdd>.<sha256[:8]>."""
+        """The version is <MODEL_MAJOR_VERSION>.<yyyymmdd>.<sha256[:8]>."""
         card = trained[1]
 
-        assert re.fullmatch(rf"1\.\d{{8}}\.{card.sha256[:8]}", card.version)
+        assert re.fullmatch(rf"{MODEL_MAJOR_VERSION}\.\d{{8}}\.{card.sha256[:8]}", card.version)
+
+    def test_keeps_the_trees_up_to_the_best_validation_loss(
+        self, trained: tuple[Path, ModelCard]
+    ) -> None:
+        """The saved model ends at its best early-stopping score, before the trailing trees."""
+        model_path, card = trained
+        estimator = load_model(model_path).estimator
+
+        assert card.training["iterations"] == estimator.n_iter_
+        assert card.training["iterations"] < card.training["early_stopping_at"]
+        assert int(np.argmax(estimator.validation_score_)) == estimator.n_iter_
+
+    def test_category_codes_are_plain_columns(self, trained: tuple[Path, ModelCard]) -> None:
+        """No column is a native categorical feature: prediction needs no preprocessing step."""
+        estimator = load_model(trained[0]).estimator
+
+        assert estimator.is_categorical_ is None
 
     def test_test_auc_above_floor(self, trained: tuple[Path, ModelCard]) -> None:
         """Held-out ROC AUC and average precision show a useful, not perfect, model."""
@@ -308,10 +326,11 @@ class TestScorer:
         assert roc_auc_score(labels, scores) > 0.9
 
     def test_scores_with_missing_enrichment(self, trained: tuple[Path, ModelCard]) -> None:
-        """NaN features (unknown card profile) still give a score in [0, 1]."""
+        """NaN features (unknown card profile, unknown category) still give a score in [0, 1]."""
         row = np.zeros((1, len(FEATURE_ORDER)))
         row[0, FEATURE_ORDER.index("amount_to_card_avg")] = np.nan
         row[0, FEATURE_ORDER.index("is_foreign")] = np.nan
+        row[0, FEATURE_ORDER.index("merchant_category")] = np.nan
 
         score = Scorer.from_path(trained[0]).score(row)[0]
 
