@@ -61,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rates", type=parse_rates, help="paced rates, events/s (default 1000,5000,20000)"
     )
-    run.add_argument("--latency-seconds", type=positive_float, help="measured s per rate")
-    run.add_argument("--warmup-seconds", type=non_negative_float, help="unmeasured s per rate")
+    run.add_argument(
+        "--latency-seconds", type=positive_float, help="measured s per processor and rate"
+    )
+    run.add_argument(
+        "--latency-rounds", type=positive_int, help="alternating rounds the seconds are split into"
+    )
+    run.add_argument("--warmup-seconds", type=non_negative_float, help="unmeasured s per round")
     run.add_argument("--breakdown-records", type=positive_int, help="records timed per stage")
     run.add_argument("--out-dir", type=Path, help="results folder (default bench-results)")
     run.add_argument("--kafka-version", help="broker version, for the report")
@@ -87,6 +92,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         "partitions": args.partitions,
         "rates": args.rates,
         "latency_seconds": args.latency_seconds,
+        "latency_rounds": args.latency_rounds,
         "warmup_seconds": args.warmup_seconds,
         "breakdown_records": args.breakdown_records,
         "out_root": args.out_dir,

@@ -18,12 +18,16 @@ How each number is taken, and why:
   child is a copy of until it execs); its user + system CPU time comes from `os.wait4`, exactly.
 - **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
   above; the group's first rebalance is part of the window.
-- **Latency.** A fresh input topic per processor, the processor already running and caught up.
-  Per rate, one thread paces sends (in slices of at most 1 ms), stamps each send with
-  `perf_counter_ns` just before `produce`, learns the record's partition and offset from its
-  delivery report, and between sends reads the output topic; an output is joined to its send by
-  the `streamer.source.partition`/`.offset` headers both processors copy. Latency = output read -
-  send. The first `warmup_seconds` of each rate are sent but not counted.
+- **Latency.** Both processors run at once, each on fresh topics, already caught up. Per rate,
+  `latency_rounds` rounds feed one processor, then the other (the order alternates), for
+  `latency_seconds / latency_rounds` each after `warmup_seconds` that are sent but not counted:
+  a stall of the shared machine, such as a pause of the broker's garbage collector, lands in
+  either processor's samples alike instead of in whichever ran at that moment. One thread paces
+  sends (in slices of at most 1 ms), stamps each send with `perf_counter_ns` just before
+  `produce`, learns the record's partition and offset from its delivery report, and between sends
+  reads the output topic; an output is joined to its send by the
+  `streamer.source.partition`/`.offset` headers both processors copy. Latency = output read -
+  send.
 - **Breakdown.** `breakdown.time_hot_loop` in this process, on a quiet machine (no processor
   running yet), with the garbage collector set as `streamer run` sets it.
 """
@@ -37,6 +41,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -92,6 +97,15 @@ FIRST_WARMUP_EVENTS: Final = 200
 
 
 # -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Lane:
+    """A processor running for the latency phase: its input topic and its output's reader."""
+
+    topic: str
+    reader: LatencyReader
+    process: ChildProcess
 
 
 @dataclass
@@ -311,18 +325,79 @@ class Bench:
         )
         return result
 
-    def latency(self, kind: str, pool: Sequence[tuple[bytes, bytes]]) -> list[Latency]:
-        """Start `kind` on a fresh topic, then run each paced rate; returns one result per rate."""
-        settings = self.settings
+    def latency(self, pool: Sequence[tuple[bytes, bytes]]) -> list[Latency]:
+        """Both processors, each on fresh topics, measured in alternating rounds at each rate.
+
+        Returns one result per processor and rate. Rounds alternate which processor goes first,
+        so a stall of the shared machine (a broker garbage collection, say) is as likely to land
+        in either's samples; both keep running throughout, the one not fed idles.
+        """
         options = self.options
+        producer = OutputProducer(self.settings.producer_config(), name="bench-latency")
+        kinds = (PASSTHROUGH, SCORER)
+        lanes: dict[str, _Lane] = {}
+        try:
+            for kind in kinds:
+                lanes[kind] = self._start_lane(kind, producer, pool)
+            round_seconds = options.latency_seconds / options.latency_rounds
+            results = []
+            for rate in options.rates:
+                total = math.ceil(rate * (options.warmup_seconds + round_seconds))
+                warmup = math.ceil(rate * options.warmup_seconds)
+                samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+                sent = dict.fromkeys(kinds, 0)
+                rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+                for number in range(options.latency_rounds):
+                    for kind in kinds if number % 2 == 0 else kinds[::-1]:
+                        lane = lanes[kind]
+                        run = PacedRun(producer, lane.reader, lane.topic, pool, lane.process)
+                        run.send(rate, total, warmup=warmup)
+                        if not run.drain(DRAIN_TIMEOUT):
+                            log(f"latency: {kind} at {rate:,.0f}/s: outputs still missing")
+                        samples[kind] += run.latencies_ms()
+                        sent[kind] += run.measured_count()
+                        rates[kind].append(run.achieved_rate())
+                for kind in kinds:
+                    shown = latency_percentiles(samples[kind])
+                    self.latency_samples[(kind, rate)] = samples[kind]
+                    result = Latency(
+                        processor=kind,
+                        rate=rate,
+                        achieved_rate=statistics.fmean(rates[kind]),
+                        sent=sent[kind],
+                        received=len(samples[kind]),
+                        percentiles_ms=shown,
+                        max_ms=max(samples[kind], default=math.nan),
+                    )
+                    results.append(result)
+                    log(
+                        f"latency: {kind} at {rate:,.0f}/s: p50 {shown['p50']:.1f} ms, "
+                        f"p99 {shown['p99']:.1f} ms, missing {result.missing}"
+                    )
+            for lane in lanes.values():
+                status = lane.process.stop()
+                if status != 0:
+                    raise failed(lane.process, status)
+        finally:
+            for lane in lanes.values():
+                lane.process.kill()
+                lane.reader.close()
+        results.sort(key=lambda result: kinds.index(result.processor))
+        return results
+
+    def _start_lane(
+        self, kind: str, producer: OutputProducer, pool: Sequence[tuple[bytes, bytes]]
+    ) -> _Lane:
+        """Start `kind` on fresh topics and wait until it answers its first records."""
+        settings = self.settings
         label = f"{kind}-latency"
         input_topic = self.topic(f"{label}-in")
         output = self.topic(f"{label}-out")
         dlq = self.topic(f"{label}-dlq")
-        admin = settings.admin_config()
-        create_topics(admin, [input_topic, output, dlq], partitions=options.partitions)
-        reader = LatencyReader(settings, output, options.partitions)
-        producer = OutputProducer(settings.producer_config(), name="bench-latency")
+        create_topics(
+            settings.admin_config(), [input_topic, output, dlq], partitions=self.options.partitions
+        )
+        reader = LatencyReader(settings, output, self.options.partitions)
         process = self.start(
             kind,
             label=label,
@@ -331,46 +406,18 @@ class Bench:
             dlq_topic=dlq,
             group=f"bench-{self.run_id}-{label}",
         )
-        results = []
-        try:
-            log(f"latency: {kind} started (pid {process.pid}); waiting for it to answer")
-            first = PacedRun(producer, reader, input_topic, pool, process)
-            first.send(1_000.0, FIRST_WARMUP_EVENTS, warmup=FIRST_WARMUP_EVENTS)
-            if not first.drain(START_TIMEOUT):
-                raise BenchError(
-                    f"{kind} gave no output for its first {FIRST_WARMUP_EVENTS} events within "
-                    f"{START_TIMEOUT:.0f} s.\n{process.log_tail()}"
-                )
-            for rate in options.rates:
-                run = PacedRun(producer, reader, input_topic, pool, process)
-                total = math.ceil(rate * (options.warmup_seconds + options.latency_seconds))
-                run.send(rate, total, warmup=math.ceil(rate * options.warmup_seconds))
-                if not run.drain(DRAIN_TIMEOUT):
-                    log(f"latency: {kind} at {rate:,.0f}/s: outputs still missing, going on")
-                samples = run.latencies_ms()
-                self.latency_samples[(kind, rate)] = samples
-                shown = latency_percentiles(samples)
-                result = Latency(
-                    processor=kind,
-                    rate=rate,
-                    achieved_rate=run.achieved_rate(),
-                    sent=run.measured_count(),
-                    received=len(samples),
-                    percentiles_ms=shown,
-                    max_ms=max(samples, default=math.nan),
-                )
-                results.append(result)
-                log(
-                    f"latency: {kind} at {rate:,.0f}/s: p50 {shown['p50']:.1f} ms, "
-                    f"p99 {shown['p99']:.1f} ms, missing {result.missing}"
-                )
-            status = process.stop()
-            if status != 0:
-                raise failed(process, status)
-        finally:
-            process.kill()
+        lane = _Lane(input_topic, reader, process)
+        log(f"latency: {kind} started (pid {process.pid}); waiting for it to answer")
+        first = PacedRun(producer, reader, input_topic, pool, process)
+        first.send(1_000.0, FIRST_WARMUP_EVENTS, warmup=FIRST_WARMUP_EVENTS)
+        if not first.drain(START_TIMEOUT):
+            lane.process.kill()
             reader.close()
-        return results
+            raise BenchError(
+                f"{kind} gave no output for its first {FIRST_WARMUP_EVENTS} events within "
+                f"{START_TIMEOUT:.0f} s.\n{process.log_tail()}"
+            )
+        return lane
 
     def run(self) -> Report:
         options = self.options
@@ -406,9 +453,8 @@ class Bench:
                         )
                     )
             pool = latency_pool(options.seed + 2, min(LATENCY_POOL_SIZE, options.events))
-            for kind in (PASSTHROUGH, SCORER):
-                with timed(phases, f"latency {kind}"):
-                    report.latency += self.latency(kind, pool)
+            with timed(phases, "latency"):
+                report.latency = self.latency(pool)
         finally:
             self.kill_all()
             delete_topics(self.settings.admin_config(), self.topics)
@@ -426,6 +472,7 @@ class Bench:
             "partitions": options.partitions,
             "rates": list(options.rates),
             "latency_seconds": options.latency_seconds,
+            "latency_rounds": options.latency_rounds,
             "warmup_seconds": options.warmup_seconds,
             "until_idle_seconds": options.until_idle,
             "seed": options.seed,

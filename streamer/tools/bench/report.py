@@ -396,8 +396,9 @@ def _sections(report: Report) -> list[_Section]:
         _Section(
             "Latency",
             "end to end in ms, producer send to output read; each rate "
-            f"{config.get('latency_seconds', '?')} s after a {config.get('warmup_seconds', '?')}"
-            " s warm-up",
+            f"{config.get('latency_seconds', '?')} s per processor in"
+            f" {config.get('latency_rounds', '?')} rounds alternating between the processors,"
+            f" each after a {config.get('warmup_seconds', '?')} s warm-up",
             ["processor", "rate/s", "sent/s", *[n for n, _ in PERCENTILES], "max", "missing"],
             _latency_rows(report),
             _latency_footnotes(report),
