@@ -22,6 +22,7 @@ from streamer.synthetic import SyntheticWorld
 from streamer.tools.bench import QUICK, BenchError, BenchOptions
 from streamer.tools.bench.__main__ import build_parser, options_from, parse_rates
 from streamer.tools.bench.breakdown import STAGES, InputRecord, StageTimes, time_hot_loop
+from streamer.tools.bench.harness import median_run
 from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
     PASSTHROUGH,
@@ -524,3 +525,27 @@ class TestChildProcess:
         child = ChildProcess("cli", [sys.executable, "-c", code, text], {}, tmp_path / "e.log")
         assert child.wait(60) == 0
         assert child.error_reason() == "exactly-once: no"
+
+
+class TestMedianRun:
+    @staticmethod
+    def _run(events_per_second: float, note: str = "") -> Throughput:
+        return Throughput(
+            "scorer", "at-least-once", 1, 100_000, 100_000 / events_per_second, note=note
+        )
+
+    def test_one_run_is_itself(self) -> None:
+        run = self._run(50_000.0, "x")
+        assert median_run([run]) is run
+
+    def test_middle_of_three_names_all_three(self) -> None:
+        chosen = median_run([self._run(70_000.0), self._run(50_000.0, "dup"), self._run(60_000.0)])
+
+        assert chosen.events_per_second == pytest.approx(60_000.0)
+        assert chosen.note == "median of 3 runs (70,000, 50,000, 60,000 events/s)"
+
+    def test_lower_middle_of_an_even_count_keeps_its_note(self) -> None:
+        chosen = median_run([self._run(80_000.0), self._run(40_000.0, "2 duplicates")])
+
+        assert chosen.events_per_second == pytest.approx(40_000.0)
+        assert chosen.note == "median of 2 runs (80,000, 40,000 events/s); 2 duplicates"

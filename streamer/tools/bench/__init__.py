@@ -26,6 +26,8 @@ class BenchOptions:
 
     events: int = 500_000
     partitions: int = 4
+    throughput_repeats: int = 3
+    """Drains per throughput run; the median is reported."""
     rates: tuple[float, ...] = (1_000.0, 5_000.0, 20_000.0)
     latency_seconds: float = 20.0
     """Measured seconds per processor and rate, split over `latency_rounds`.
@@ -46,6 +48,7 @@ class BenchOptions:
 
 QUICK: Final = BenchOptions(
     events=50_000,
+    throughput_repeats=1,
     latency_seconds=3.0,
     latency_rounds=2,
     breakdown_records=5_000,

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--events", type=positive_int, help="preloaded events (default 500,000)")
     run.add_argument("--partitions", type=positive_int, help="input partitions (default 4)")
     run.add_argument(
+        "--throughput-repeats", type=positive_int, help="drains per run, median shown (default 3)"
+    )
+    run.add_argument(
         "--rates", type=parse_rates, help="paced rates, events/s (default 1000,5000,20000)"
     )
     run.add_argument(
@@ -90,6 +93,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     flags = {
         "events": args.events,
         "partitions": args.partitions,
+        "throughput_repeats": args.throughput_repeats,
         "rates": args.rates,
         "latency_seconds": args.latency_seconds,
         "latency_rounds": args.latency_rounds,
