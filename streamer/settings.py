@@ -30,6 +30,8 @@ _PROTECTED_KAFKA_KEYS: Final = frozenset(
     {
         "enable.auto.offset.store",
         "enable.idempotence",
+        "max.in.flight.requests.per.connection",
+        "max.in.flight",
         "delivery.report.only.error",
         "acks",
         "isolation.level",
@@ -205,6 +207,14 @@ class Settings(BaseSettings):
             # A record the broker never acknowledges stops the scorer; it is not dropped, so give
             # the broker time to recover from a leader change before declaring failure.
             "delivery.timeout.ms": 120_000,
+            # One produce request in flight per broker. With more, a batch that a partition's
+            # leader refuses (NOT_LEADER right after the topic was created or its leader moved)
+            # can be followed by one the broker accepts; for a producer id it holds no state
+            # for, the broker takes the later sequence as the first, and librdkafka reports the
+            # refused batch as delivered ("implicitly acked", offset unknown) though it never
+            # was: silent loss (confluent-kafka-go#921; reproduced with librdkafka 2.16 and
+            # Kafka 4.4, transactional producers included). The cost is in README "Performance".
+            "max.in.flight.requests.per.connection": 1,
             # Waiting up to 5 ms to fill a produce request batches well under load; at low rates
             # it adds up to 5 ms to each verdict's latency, as it does to the pass-through's.
             "linger.ms": 5,

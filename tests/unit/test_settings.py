@@ -93,6 +93,34 @@ class TestKafkaPassThrough:
         producer = settings.producer_config()
         assert producer["enable.idempotence"] is True
         assert producer["acks"] == "all"
+        assert producer["max.in.flight.requests.per.connection"] == 1
+
+    @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+    def test_one_produce_request_in_flight(
+        self, guarantee: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Both modes keep one request in flight: a later batch cannot overtake a refused one."""
+        monkeypatch.setenv("STREAMER_PROCESSING_GUARANTEE", guarantee)
+        monkeypatch.setenv("STREAMER_INSTANCE_ID", "pod-0")
+        settings = load_settings()
+        config = settings.producer_config(transactional=settings.exactly_once)
+
+        assert config["max.in.flight.requests.per.connection"] == 1
+
+    @pytest.mark.parametrize(
+        "variable",
+        [
+            "STREAMER_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
+            "STREAMER_KAFKA_MAX_IN_FLIGHT",
+        ],
+    )
+    def test_in_flight_requests_cannot_be_raised(
+        self, variable: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The setting and its librdkafka alias are refused at start-up, naming the variable."""
+        monkeypatch.setenv(variable, "5")
+        with pytest.raises(ConfigError, match=variable):
+            load_settings()
 
     def test_client_buffers_are_bounded(self) -> None:
         """The consumer prefetch and the producer queue stay small; a full prefetch queue pauses
