@@ -133,9 +133,9 @@ def build_features_from_columns(columns: Mapping[str, Sequence[Any]]) -> np.ndar
     ]
     out[:, 3] = columns["card_present"]
     channel_codes = _CHANNEL_CODES
-    out[:, 4] = [channel_codes.get(c, _NAN) for c in columns["channel"]]
+    out[:, 4] = [channel_codes.get(c, UNKNOWN_CODE) for c in columns["channel"]]
     category_codes = _CATEGORY_CODES
-    out[:, 5] = [category_codes.get(c, _NAN) for c in columns["merchant_category"]]
+    out[:, 5] = [category_codes.get(c, UNKNOWN_CODE) for c in columns["merchant_category"]]
     out[:, 6] = [millis // _MS_PER_HOUR % 24 for millis in columns["event_time"]]
     out[:, 7] = out[:, 6] < NIGHT_HOURS_END
     return out

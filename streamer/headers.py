@@ -35,11 +35,7 @@ Headers = list[tuple[str, str | bytes | None]]
 
 def source_headers(topic: str, partition: int, offset: int) -> Headers:
     """The three headers that name the input record an output was made from."""
-    return [
-        (SOURCE_TOPIC, topic.encode()),
-        (SOURCE_PARTITION, str(partition).encode()),
-        (SOURCE_OFFSET, str(offset).encode()),
-    ]
+    return [*source_header_prefix(topic, partition), (SOURCE_OFFSET, str(offset).encode())]
 
 
 def source_header_prefix(topic: str, partition: int) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
