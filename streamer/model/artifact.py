@@ -32,7 +32,7 @@ from streamer.features import CATEGORICAL_FEATURES, FEATURE_ORDER
 ARTIFACT_FORMAT: Final = "skops"
 """The only artefact format we write and read."""
 
-MODEL_MAJOR_VERSION: Final = 2
+MODEL_MAJOR_VERSION: Final = 3
 """Leading part of model versions; bump it when the feature contract changes."""
 
 TRUSTED_TYPES: Final[frozenset[str]] = frozenset(

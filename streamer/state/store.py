@@ -1,0 +1,252 @@
+"""A keyed store kept per input partition, with what changed since the last commit.
+
+No Kafka here: the checkpoint (`streamer.checkpoint`) writes the store's changes to its changelog
+topic and commits them with the input offsets; the restorer (`streamer.kafka.changelog`) rebuilds
+a partition from that changelog. The store only keeps values in memory and answers three
+questions: which keys changed since the last commit (`changes`), what the state was at the last
+commit (`rollback`), and which input offsets the state covers (`positions`).
+
+A restore keeps each value as the changelog's bytes and decodes it the first time a record of its
+key is scored: a restore costs a dict insert per changelog record, and only the keys that are
+used pay for decoding.
+
+A value is any mutable object with a `StateCodec` (how to encode, decode, copy and expire it):
+the card history is one, and a store of per-merchant values would be another. Keys are strings
+(the input record's key); a key lives in the partition its records come from.
+
+Not thread-safe: one store per scoring loop, used on its thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from streamer.errors import StreamerError
+
+V = TypeVar("V")
+
+
+class StateCorruptError(StreamerError):
+    """A stored value (from the changelog) cannot be decoded; the state cannot be trusted."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateCodec(Generic[V]):
+    """How a store handles its values."""
+
+    encode: Callable[[V], bytes]
+    """The value as changelog bytes; `decode(encode(v))` equals `v`."""
+    decode: Callable[[bytes], V]
+    """A value from changelog bytes; `ValueError` (saying why) for bytes it cannot read."""
+    copy: Callable[[V], V]
+    """An independent copy, kept to roll back to."""
+    expired: Callable[[V, int], bool]
+    """Whether the value can be dropped at this stream time (ms): it no longer affects anything."""
+
+
+@dataclass(slots=True)
+class _Partition(Generic[V]):
+    values: dict[str, V] = field(default_factory=dict)
+    raw: dict[str, bytes] = field(default_factory=dict)
+    """Restored values not decoded yet (a key is in `values` or `raw`, never both)."""
+    changed: set[str] = field(default_factory=set)
+    """Keys written since the last commit (a deleted key included)."""
+    undo: dict[str, V | None] = field(default_factory=dict)
+    """Each changed key's value at the last commit (None: absent then); kept when rolling back."""
+    position: int | None = None
+    """The next input offset: every record before it is applied (None: nothing applied yet)."""
+    committed_position: int | None = None
+    stream_time: int = 0
+    """The latest event time (ms) applied in this partition, for expiry."""
+
+
+class KeyedStore(Generic[V]):
+    """One named store: per partition, key → value, and the changes since the last commit.
+
+    `keep_undo`: remember each changed key's committed value so `rollback` can return to it
+    (exactly-once, where a transaction can abort); at-least-once never rolls back.
+    """
+
+    def __init__(self, name: str, codec: StateCodec[V], *, keep_undo: bool) -> None:
+        self.name = name
+        self.codec = codec
+        self._keep_undo = keep_undo
+        self._partitions: dict[int, _Partition[V]] = {}
+
+    # -- partitions ----------------------------------------------------------------------------
+
+    def assign(self, partition: int) -> None:
+        """Start `partition` empty (its changelog is restored into it next)."""
+        self._partitions[partition] = _Partition()
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget partitions this process no longer owns."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._partitions)
+
+    def __len__(self) -> int:
+        """Keys held, over every partition."""
+        return sum(len(p.values) + len(p.raw) for p in self._partitions.values())
+
+    def values(self, partition: int) -> dict[str, V]:
+        """The partition's values, all decoded (live: for reading and for tests)."""
+        part = self._partitions[partition]
+        self._decode_all(partition, part)
+        return part.values
+
+    def _decode(self, partition: int, key: str, data: bytes) -> V:
+        try:
+            return self.codec.decode(data)
+        except ValueError as exc:
+            raise StateCorruptError(
+                f"store {self.name!r}, partition {partition}, key {key!r}: the value restored "
+                f"from the changelog cannot be read ({exc}); was the changelog written by another "
+                "program or a newer version?"
+            ) from exc
+
+    def _decode_all(self, partition: int, part: _Partition[V]) -> None:
+        for key, data in part.raw.items():
+            part.values[key] = self._decode(partition, key, data)
+        part.raw.clear()
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def checkout(self, partitions: Sequence[int], keys: Sequence[str]) -> dict[str, V]:
+        """The values of `keys` (key i of partition i), as one dict to read and update in place.
+
+        Every key is marked changed; keys without a value are absent from the dict, and a value
+        the caller adds for them is taken in by `checkin`. Raises `KeyError` for a partition not
+        assigned.
+        """
+        view: dict[str, V] = {}
+        parts = self._partitions
+        keep_undo = self._keep_undo
+        copy = self.codec.copy
+        for partition, key in zip(partitions, keys, strict=True):
+            if key in view:
+                continue
+            part = parts[partition]
+            value = part.values.get(key)
+            if value is None and part.raw:
+                data = part.raw.pop(key, None)
+                if data is not None:
+                    value = part.values[key] = self._decode(partition, key, data)
+            if key not in part.changed:
+                part.changed.add(key)
+                if keep_undo:
+                    part.undo[key] = None if value is None else copy(value)
+            if value is not None:
+                view[key] = value
+        return view
+
+    def checkin(
+        self,
+        view: dict[str, V],
+        partitions: Sequence[int],
+        keys: Sequence[str],
+        positions: dict[int, int],
+        stream_times: dict[int, int],
+    ) -> None:
+        """Take in the values `checkout` gave (and any the caller added) for `keys`.
+
+        `positions`: each partition's next input offset after the records just applied;
+        `stream_times`: the latest event time among them, per partition.
+        """
+        parts = self._partitions
+        for partition, key in zip(partitions, keys, strict=True):
+            value = view.get(key)
+            if value is not None:
+                parts[partition].values[key] = value
+        for partition, position in positions.items():
+            part = parts[partition]
+            part.position = position
+            part.stream_time = max(part.stream_time, stream_times.get(partition, 0))
+
+    # -- commit, rollback, expiry --------------------------------------------------------------
+
+    def expire(self, partition: int) -> int:
+        """Delete the partition's values that `codec.expired` at its stream time; how many."""
+        part = self._partitions[partition]
+        self._decode_all(partition, part)
+        expired = self.codec.expired
+        now = part.stream_time
+        gone = [key for key, value in part.values.items() if expired(value, now)]
+        for key in gone:
+            if key not in part.changed:
+                part.changed.add(key)
+                if self._keep_undo:
+                    part.undo[key] = part.values[key]
+            del part.values[key]
+        return len(gone)
+
+    def changes(self, partition: int) -> list[tuple[str, bytes | None]]:
+        """Each key changed since the last commit, with its encoded value (None: deleted)."""
+        part = self._partitions[partition]
+        encode = self.codec.encode
+        values = part.values
+        changes: list[tuple[str, bytes | None]] = []
+        for key in part.changed:
+            value = values.get(key)
+            changes.append((key, part.raw.get(key) if value is None else encode(value)))
+        return changes
+
+    def stream_time(self, partition: int) -> int:
+        """The latest event time (ms) applied in `partition` since it was assigned."""
+        return self._partitions[partition].stream_time
+
+    def position(self, partition: int) -> int | None:
+        """The next input offset of `partition` the state covers (None: nothing applied)."""
+        return self._partitions[partition].position
+
+    def positions(self) -> dict[int, int]:
+        """`position` of every partition that has one."""
+        return {
+            p: part.position for p, part in self._partitions.items() if part.position is not None
+        }
+
+    def commit(self, partitions: Iterable[int] | None = None) -> None:
+        """What `changes` gave is now in the changelog and committed: start a new change set."""
+        chosen = self._partitions.keys() if partitions is None else partitions
+        for partition in list(chosen):
+            part = self._partitions.get(partition)
+            if part is None:
+                continue
+            part.changed.clear()
+            part.undo.clear()
+            part.committed_position = part.position
+
+    def rollback(self) -> None:
+        """Return every partition to its state at the last commit (needs `keep_undo`)."""
+        if not self._keep_undo:
+            raise RuntimeError("this store keeps no undo; it cannot roll back")
+        for part in self._partitions.values():
+            for key, value in part.undo.items():
+                if value is None:
+                    part.values.pop(key, None)
+                else:
+                    part.values[key] = value
+            part.changed.clear()
+            part.undo.clear()
+            part.position = part.committed_position
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore(self, partition: int, key: str, value: bytes | None) -> None:
+        """Apply one changelog record (None: a tombstone); decoded when first used."""
+        part = self._partitions[partition]
+        part.values.pop(key, None)
+        if value is None:
+            part.raw.pop(key, None)
+        else:
+            part.raw[key] = value
+
+    def restored(self, partition: int, position: int | None) -> None:
+        """The partition's changelog is read: its state covers input offsets before `position`."""
+        part = self._partitions[partition]
+        part.position = part.committed_position = position

@@ -1,0 +1,121 @@
+"""The keyed store: partitions, change sets, rollback, expiry and restore, on a toy value type."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamer.state.store import KeyedStore, StateCodec, StateCorruptError
+
+TOTALS: StateCodec[list[int]] = StateCodec(
+    encode=lambda value: json.dumps(value).encode(),
+    decode=lambda data: list(json.loads(data)),
+    copy=list,
+    expired=lambda value, now: value[-1] <= now - 100,
+)
+"""Values are lists of event times; a value idle for 100 time units expires."""
+
+
+def _apply(store: KeyedStore[list[int]], partition: int, key: str, time: int, offset: int) -> None:
+    view = store.checkout([partition], [key])
+    view.setdefault(key, []).append(time)
+    store.checkin(view, [partition], [key], {partition: offset + 1}, {partition: time})
+
+
+@pytest.fixture
+def store() -> KeyedStore[list[int]]:
+    store: KeyedStore[list[int]] = KeyedStore("totals", TOTALS, keep_undo=True)
+    store.assign(0)
+    store.assign(1)
+    return store
+
+
+class TestChanges:
+    def test_checkout_gives_one_dict_over_partitions(self, store: KeyedStore[list[int]]) -> None:
+        """Keys of several partitions come back in one view, and go back where they belong."""
+        _apply(store, 0, "a", 1, 0)
+        _apply(store, 1, "b", 2, 0)
+        view = store.checkout([0, 1, 0], ["a", "b", "c"])
+        assert view == {"a": [1], "b": [2]}
+        view["c"] = [3]
+        store.checkin(view, [0, 1, 0], ["a", "b", "c"], {0: 5, 1: 1}, {0: 3})
+        assert store.values(0) == {"a": [1], "c": [3]}
+        assert store.values(1) == {"b": [2]}
+        assert store.position(0) == 5
+
+    def test_changes_name_each_key_written_since_commit(self, store: KeyedStore[list[int]]) -> None:
+        """Only keys touched since the last commit are in the change set, encoded."""
+        _apply(store, 0, "a", 1, 0)
+        store.commit()
+        _apply(store, 0, "b", 2, 1)
+        assert store.changes(0) == [("b", b"[2]")]
+        assert store.changes(1) == []
+
+    def test_unassigned_partition_is_an_error(self, store: KeyedStore[list[int]]) -> None:
+        """A key of a partition not assigned cannot be checked out."""
+        with pytest.raises(KeyError):
+            store.checkout([7], ["a"])
+
+
+class TestRollback:
+    def test_rollback_returns_to_the_last_commit(self, store: KeyedStore[list[int]]) -> None:
+        """Changed values, added keys and positions go back to what was committed."""
+        _apply(store, 0, "a", 1, 0)
+        store.commit()
+        _apply(store, 0, "a", 2, 1)
+        _apply(store, 0, "b", 3, 2)
+        store.rollback()
+        assert store.values(0) == {"a": [1]}
+        assert store.position(0) == 1
+        assert store.changes(0) == []
+
+    def test_without_undo_there_is_no_rollback(self) -> None:
+        """An at-least-once store keeps no undo and refuses to roll back."""
+        store: KeyedStore[list[int]] = KeyedStore("totals", TOTALS, keep_undo=False)
+        with pytest.raises(RuntimeError):
+            store.rollback()
+
+
+class TestExpiry:
+    def test_idle_keys_expire_as_deletes(self, store: KeyedStore[list[int]]) -> None:
+        """A key idle past its codec's limit is deleted; the delete is a change (a tombstone)."""
+        _apply(store, 0, "old", 1, 0)
+        _apply(store, 0, "new", 150, 1)
+        store.commit()
+        assert store.expire(0) == 1
+        assert store.values(0) == {"new": [150]}
+        assert store.changes(0) == [("old", None)]
+        store.rollback()
+        assert store.values(0) == {"old": [1], "new": [150]}
+
+
+class TestRestore:
+    def test_restore_applies_values_and_tombstones(self, store: KeyedStore[list[int]]) -> None:
+        """Changelog records replace values; a tombstone deletes; the position is as given."""
+        store.assign(0)
+        store.restore(0, "a", b"[1]")
+        store.restore(0, "b", b"[2]")
+        store.restore(0, "a", None)
+        store.restored(0, 42)
+        assert store.values(0) == {"b": [2]}
+        assert store.position(0) == 42
+        store.rollback()
+        assert store.position(0) == 42
+
+    def test_values_are_decoded_when_first_used(self, store: KeyedStore[list[int]]) -> None:
+        """A restored value stays bytes until a record of its key needs it; unused, it is
+        written back unchanged."""
+        store.restore(0, "a", b"[1]")
+        store.restore(0, "b", b"[2]")
+        store.restored(0, 5)
+        assert len(store) == 2
+        view = store.checkout([0], ["a"])
+        assert view == {"a": [1]}
+        assert store.changes(0) == [("a", b"[1]")]
+
+    def test_bad_bytes_stop_the_scorer_naming_the_key(self, store: KeyedStore[list[int]]) -> None:
+        """Bytes the codec cannot read are an error, not a silent empty state."""
+        store.restore(0, "a", b"not json")
+        with pytest.raises(StateCorruptError, match="partition 0, key 'a'"):
+            store.checkout([0], ["a"])
