@@ -9,6 +9,8 @@ import pickle
 import re
 import shutil
 import zipfile
+from datetime import UTC, datetime, timedelta
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_info
 
 from streamer.errors import ConfigError, ModelRefusedError
-from streamer.features import FEATURE_ORDER, build_features
+from streamer.features import FEATURE_ORDER, HISTORY_FEATURES, build_features
 from streamer.model.artifact import (
     MODEL_MAJOR_VERSION,
     TRUSTED_TYPES,
@@ -31,11 +33,20 @@ from streamer.model.artifact import (
     save_model,
 )
 from streamer.model.scorer import Scorer
-from streamer.model.train import THRESHOLD_RULE, train_model
-from streamer.synthetic import SyntheticWorld
+from streamer.model.train import (
+    MIN_TRAINING_DAYS,
+    TEST_DAYS,
+    THRESHOLD_RULE,
+    TRAINING_DAYS,
+    VALIDATION_DAYS,
+    split_by_day,
+    train_model,
+)
+from streamer.synthetic import DEFAULT_START_MS, SyntheticWorld
 
 TEST_TRAINING_SIZE = 20_000
 TEST_SEED = 5
+DAY_MS = 86_400_000
 
 
 @pytest.fixture(scope="session")
@@ -141,16 +152,94 @@ class TestTrainModel:
         assert card.training["threshold_rule"] == THRESHOLD_RULE
 
     def test_splits_cover_the_data_in_time_order(self, trained: tuple[Path, ModelCard]) -> None:
-        """Train, validation and test sizes add up to the training size."""
-        sizes = trained[1].training["split_sizes"]
+        """Train, validation and test sizes add up to the events used, about the size asked."""
+        training = trained[1].training
+        sizes = training["split_sizes"]
 
         assert list(sizes) == ["train", "validation", "test"]
-        assert sum(sizes.values()) == TEST_TRAINING_SIZE
+        assert sum(sizes.values()) == training["events"]
+        assert training["events"] == pytest.approx(TEST_TRAINING_SIZE, rel=0.05)
+
+    def test_splits_are_whole_days(self, trained: tuple[Path, ModelCard]) -> None:
+        """Each split's events run from just after its first UTC midnight to just before its end."""
+        splits = trained[1].training["splits"]
+        start = datetime.fromtimestamp(DEFAULT_START_MS // 1000, UTC)
+
+        assert [splits[name]["days"] for name in ("train", "validation", "test")] == [
+            [0, TRAINING_DAYS - VALIDATION_DAYS - TEST_DAYS - 1],
+            [TRAINING_DAYS - VALIDATION_DAYS - TEST_DAYS, TRAINING_DAYS - TEST_DAYS - 1],
+            [TRAINING_DAYS - TEST_DAYS, TRAINING_DAYS - 1],
+        ]
+        for split in splits.values():
+            first_day = start + timedelta(days=split["days"][0])
+            end_of_last_day = start + timedelta(days=split["days"][1] + 1)
+            first = datetime.fromisoformat(split["first_event"])
+            last = datetime.fromisoformat(split["last_event"])
+            assert first_day <= first < first_day + timedelta(hours=1)
+            assert end_of_last_day - timedelta(hours=1) < last < end_of_last_day
+            assert first.tzinfo == UTC
+
+    def test_time_range_spans_the_splits(self, trained: tuple[Path, ModelCard]) -> None:
+        """The data's time range runs from train's first event to test's last."""
+        training = trained[1].training
+
+        assert training["time_range"] == {
+            "first_event": training["splits"]["train"]["first_event"],
+            "last_event": training["splits"]["test"]["last_event"],
+        }
+
+    def test_every_split_holds_night_hours(self) -> None:
+        """Split by day, each split holds every night hour (00:00-05:59 UTC) and fraud."""
+        world = SyntheticWorld(TEST_SEED, events_per_day=2_000)
+        end_ms = world.start_ms + TRAINING_DAYS * DAY_MS
+        items = list(
+            takewhile(
+                lambda item: item.record["event_time"] < end_ms,
+                world.generate(2_000 * (TRAINING_DAYS + 1)),
+            )
+        )
+        times = np.array([item.record["event_time"] for item in items])
+
+        for split in split_by_day(times, world.start_ms, TRAINING_DAYS):
+            rows = times[split.rows]
+            days = (rows - world.start_ms) // DAY_MS
+            assert set(days.tolist()) == set(range(split.first_day, split.last_day + 1))
+            assert set(range(6)) <= set((rows // 3_600_000 % 24).tolist())
+            assert any(item.is_fraud for item in items[split.rows])
+
+    def test_card_records_both_average_precisions(self, trained: tuple[Path, ModelCard]) -> None:
+        """Validation and test AP of the model and of the same fit without history features."""
+        card = trained[1]
+        names = [
+            "validation_average_precision",
+            "average_precision",
+            "validation_average_precision_without_history",
+            "average_precision_without_history",
+        ]
+
+        assert all(0.0 < card.metrics[name] <= 1.0 for name in names)
+        assert card.training["without_history"]["features"] == [
+            name for name in FEATURE_ORDER if name not in HISTORY_FEATURES
+        ]
+
+    def test_history_features_help_on_validation(self, trained: tuple[Path, ModelCard]) -> None:
+        """On validation, the model with the card's history clearly beats the one without."""
+        metrics = trained[1].metrics
+
+        assert metrics["validation_average_precision"] > (
+            metrics["validation_average_precision_without_history"] + 0.05
+        )
 
     def test_too_small_size_is_refused(self, tmp_path: Path) -> None:
         """A size too small to split sensibly raises ValueError and writes nothing."""
         with pytest.raises(ValueError, match="size"):
             train_model(tmp_path / "m.skops", size=100)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_too_few_days_are_refused(self, tmp_path: Path) -> None:
+        """Fewer than MIN_TRAINING_DAYS days raise ValueError and write nothing."""
+        with pytest.raises(ValueError, match="days"):
+            train_model(tmp_path / "m.skops", size=20_000, days=MIN_TRAINING_DAYS - 1)
         assert list(tmp_path.iterdir()) == []
 
 

@@ -3,23 +3,73 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from streamer.events import CHANNELS, validate_transaction
-from streamer.synthetic import LabelledTransaction, SyntheticWorld
+from streamer.synthetic import (
+    DEFAULT_EVENTS_PER_DAY,
+    EVENTS_PER_CARD_PER_DAY,
+    LabelledTransaction,
+    SyntheticWorld,
+)
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "transaction.avsc"
 RISKY_CATEGORIES = {"electronics", "jewelry", "gift_cards", "digital_goods", "crypto_exchange"}
+STREAM_SIZE = 100_000
+MINUTE_MS = 60_000
+TINY = 3.0  # card-testing probes are below this amount
+LARGE = 30.0  # ten times the largest probe
 
 
 @pytest.fixture(scope="module")
 def stream() -> list[LabelledTransaction]:
-    """100,000 labelled transactions from seed 7: about a day of activity."""
-    return list(SyntheticWorld(7).generate(100_000))
+    """100,000 labelled transactions from seed 7 in the default world: about four days."""
+    return list(SyntheticWorld(7).generate(STREAM_SIZE))
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One transaction and what its card had done before it in the stream."""
+
+    item: LabelledTransaction
+    previous_uses: int
+    new_merchant: bool
+    new_country: bool
+    since_previous_ms: int | None
+    previous_was_fraud: bool
+
+
+@pytest.fixture(scope="module")
+def seen(stream: list[LabelledTransaction]) -> list[Seen]:
+    """The stream with each transaction's card history, as the scorer's state would hold it."""
+    merchants: defaultdict[str, set[str]] = defaultdict(set)
+    countries: defaultdict[str, set[str]] = defaultdict(set)
+    previous: dict[str, tuple[int, bool]] = {}
+    out = []
+    for item in stream:
+        record = item.record
+        card = record["card_id"]
+        last = previous.get(card)
+        out.append(
+            Seen(
+                item,
+                len(merchants[card]),
+                record["merchant_id"] not in merchants[card],
+                record["country"] not in countries[card],
+                None if last is None else record["event_time"] - last[0],
+                last is not None and last[1],
+            )
+        )
+        merchants[card].add(record["merchant_id"])
+        countries[card].add(record["country"])
+        previous[card] = (record["event_time"], item.is_fraud)
+    return out
 
 
 def _records(items: list[LabelledTransaction]) -> list[tuple[object, ...]]:
@@ -88,11 +138,24 @@ class TestRecords:
 
         assert (np.diff(times) >= 0).all()
 
-    def test_about_a_day_per_hundred_thousand(self, stream: list[LabelledTransaction]) -> None:
-        """100,000 events span roughly one day."""
-        span_hours = (stream[-1].record["event_time"] - stream[0].record["event_time"]) / 3.6e6
+    def test_default_world_runs_at_its_daily_rate(self, stream: list[LabelledTransaction]) -> None:
+        """100,000 events of the default world span 100,000 / DEFAULT_EVENTS_PER_DAY days."""
+        span_days = (stream[-1].record["event_time"] - stream[0].record["event_time"]) / 86.4e6
 
-        assert 20 < span_hours < 28
+        assert span_days == pytest.approx(STREAM_SIZE / DEFAULT_EVENTS_PER_DAY, rel=0.05)
+
+    def test_events_per_day_sets_the_pace(self) -> None:
+        """A world of 2,000 events a day spans about three days with 6,000 events."""
+        items = list(SyntheticWorld(3, events_per_day=2_000).generate(6_000))
+        span_days = (items[-1].record["event_time"] - items[0].record["event_time"]) / 86.4e6
+
+        assert span_days == pytest.approx(3.0, rel=0.05)
+
+    def test_cards_follow_from_events_per_day(self) -> None:
+        """Unless given, the number of cards is events_per_day / EVENTS_PER_CARD_PER_DAY."""
+        world = SyntheticWorld(3, events_per_day=3_000)
+
+        assert world.n_cards == round(3_000 / EVENTS_PER_CARD_PER_DAY)
 
     def test_transaction_ids_are_unique(self, stream: list[LabelledTransaction]) -> None:
         """No transaction id repeats."""
@@ -142,6 +205,53 @@ class TestRecords:
         hours = Counter(_hour(item) for item in stream)
 
         assert hours[3] * 4 < hours[15]
+
+
+class TestHabits:
+    def test_cards_have_a_history(self, seen: list[Seen]) -> None:
+        """Most transactions come from a card already seen in the stream."""
+        assert np.mean([s.previous_uses > 0 for s in seen]) > 0.8
+
+    def test_cards_are_used_a_few_times_a_day(self, stream: list[LabelledTransaction]) -> None:
+        """The median card is used between 0.5 and 3 times a day."""
+        span_days = (stream[-1].record["event_time"] - stream[0].record["event_time"]) / 86.4e6
+        uses = Counter(item.record["card_id"] for item in stream)
+
+        assert 0.5 < np.median(list(uses.values())) / span_days < 3.0
+
+    def test_legit_spend_mostly_returns_to_known_merchants(self, seen: list[Seen]) -> None:
+        """With some history, legit spend is mostly at merchants the card used, not always."""
+        new = np.mean([s.new_merchant for s in seen if not s.item.is_fraud and s.previous_uses > 2])
+
+        assert 0.1 < new < 0.5
+
+    def test_legit_spend_now_and_then_in_a_new_country(self, seen: list[Seen]) -> None:
+        """With some history, a few legit uses are in a country the card never used (travel)."""
+        new = np.mean([s.new_country for s in seen if not s.item.is_fraud and s.previous_uses > 2])
+
+        assert 0.005 < new < 0.05
+
+    def test_trips_return_to_the_same_country(self, seen: list[Seen]) -> None:
+        """Legit spend abroad is often in a country the card used before: trips last days."""
+        abroad = [
+            s.new_country
+            for s in seen
+            if not s.item.is_fraud
+            and s.previous_uses > 0
+            and s.item.record["card_country"] not in (None, s.item.record["country"])
+        ]
+
+        assert 0.2 < np.mean(abroad) < 0.7
+
+    def test_some_legit_uses_come_minutes_apart(self, seen: list[Seen]) -> None:
+        """A few legit uses follow the card's previous one within 10 minutes (noise for bursts)."""
+        quick = [
+            s.since_previous_ms < 10 * MINUTE_MS
+            for s in seen
+            if not s.item.is_fraud and s.since_previous_ms is not None
+        ]
+
+        assert 0.02 < np.mean(quick) < 0.15
 
 
 class TestFraud:
@@ -209,6 +319,94 @@ class TestFraud:
         uses = Counter(i.record["card_id"] for i in fraud)
 
         assert sum(1 for n in uses.values() if n > 1) > 0.3 * len(uses)
+
+    def test_compromised_cards_are_used_minutes_apart(self, seen: list[Seen]) -> None:
+        """A fraud following a fraud on its card comes a few minutes later, rarely so for legit."""
+        gaps = [
+            s.since_previous_ms
+            for s in seen
+            if s.item.is_fraud and s.previous_was_fraud and s.since_previous_ms is not None
+        ]
+        legit_quick = np.mean(
+            [
+                s.since_previous_ms < 10 * MINUTE_MS
+                for s in seen
+                if not s.item.is_fraud and s.since_previous_ms is not None
+            ]
+        )
+
+        assert np.median(gaps) < 5 * MINUTE_MS
+        assert np.mean(np.array(gaps) < 10 * MINUTE_MS) > 5 * legit_quick
+
+    def test_fraud_starts_at_a_new_merchant(self, seen: list[Seen]) -> None:
+        """An incident's first fraud is at a merchant its card never used."""
+        first = [
+            s.new_merchant
+            for s in seen
+            if s.item.is_fraud and s.previous_uses > 0 and not s.previous_was_fraud
+        ]
+
+        assert len(first) > 200
+        assert np.mean(first) > 0.95
+
+    def test_fraud_abroad_starts_in_a_new_country(self, seen: list[Seen]) -> None:
+        """An incident abroad starts in a country its card never used; legit abroad often did."""
+
+        def new_country_share(fraud: bool) -> float:
+            return float(
+                np.mean(
+                    [
+                        s.new_country
+                        for s in seen
+                        if s.item.is_fraud == fraud
+                        and not s.previous_was_fraud
+                        and s.previous_uses > 0
+                        and s.item.record["card_country"] not in (None, s.item.record["country"])
+                    ]
+                )
+            )
+
+        assert new_country_share(fraud=True) > 0.9
+        assert new_country_share(fraud=True) > 1.5 * new_country_share(fraud=False)
+
+    def test_card_testing_probes_then_buys_big(self, stream: list[LabelledTransaction]) -> None:
+        """Runs of 2-6 tiny frauds at one merchant, minutes apart, end in a large fraud."""
+        frauds: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        for item in stream:
+            if item.is_fraud:
+                frauds[item.record["card_id"]].append(item.record)
+        runs: list[tuple[list[dict[str, Any]], dict[str, Any] | None]] = []
+        for records in frauds.values():
+            run: list[dict[str, Any]] = []
+            for record in [*records, None]:
+                if record is not None and record["amount"] < TINY:
+                    run.append(record)
+                    continue
+                if len(run) >= 2:
+                    runs.append((run, record))
+                run = []
+
+        def probed_and_bought(run: list[dict[str, Any]], after: dict[str, Any] | None) -> bool:
+            times = [r["event_time"] for r in run]
+            return (
+                2 <= len(run) <= 6
+                and len({r["merchant_id"] for r in run}) == 1
+                and max(np.diff(times)) < 10 * MINUTE_MS
+                and after is not None
+                and after["amount"] >= LARGE
+                and after["event_time"] - times[-1] < 30 * MINUTE_MS
+            )
+
+        assert len(runs) > 20
+        assert np.mean([probed_and_bought(run, after) for run, after in runs]) > 0.9
+
+    def test_tiny_amounts_are_no_rule(self, stream: list[LabelledTransaction]) -> None:
+        """Legit spend has tiny amounts too, so a tiny amount alone does not mean fraud."""
+        legit, fraud = _legit_and_fraud(stream)
+
+        assert sum(i.record["amount"] < TINY for i in legit) > sum(
+            i.record["amount"] < TINY for i in fraud
+        )
 
 
 class TestArguments:
