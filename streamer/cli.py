@@ -363,8 +363,9 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         size=args.size or DEFAULT_TRAINING_SIZE,
     )
     print(f"wrote {path} ({card.name} {card.version}, threshold {card.threshold:.4f})")
+    width = max((len(name) for name in card.metrics), default=0)
     for name, value in card.metrics.items():
-        print(f"  {name:<20} {value:.4f}")
+        print(f"  {name:<{width}} {value:.4f}")
     return 0
 
 
@@ -391,7 +392,9 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.app import CARD_STORE
     from streamer.kafka.admin import ensure_topics
+    from streamer.kafka.changelog import changelog_topic, ensure_changelog
 
     results = ensure_topics(
         settings.admin_config(),
@@ -401,6 +404,15 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
     )
     for result in results:
         print(f"{result.name}: {'created' if result.created else 'exists'}")
+    # The card state's changelog, partitioned like the input (whatever --partitions says).
+    changelog = changelog_topic(settings.group_id, CARD_STORE)
+    created = ensure_changelog(
+        settings.admin_config(),
+        changelog,
+        settings.input_topic,
+        replication_factor=args.replication_factor,
+    )
+    print(f"{changelog}: {'created' if created else 'exists'}")
     return 0
 
 

@@ -18,6 +18,10 @@ ERROR_CAUSE: Final = "streamer.error.cause"
 """The underlying exception, `Class: message`, when there is one (dead letters only)."""
 CONSUMER_GROUP: Final = "streamer.consumer.group"
 
+CHANGELOG_POSITION: Final = "streamer.changelog.position"
+"""On a state changelog record: the input position its state covers (every input offset before
+it, of the same partition, is applied; none after)."""
+
 REPLAY_OF: Final = "streamer.replay.of"
 """On a record `streamer dlq replay` put back on the input topic: the dead letter it copies,
 `<dlq topic>/<partition>/<offset>`."""

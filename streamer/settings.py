@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     transaction_interval: float = Field(default=0.1, gt=0.0, le=30.0)
     """Exactly-once: seconds of consumed batches one transaction collects before it commits."""
 
+    card_state: bool = True
+    """Keep card history (the history features) as state with a changelog. Off, every record is
+    scored as its card's first (no changelog, nothing to restore): only to measure what the state
+    costs (`scripts/bench`), since the model's history features are then blank."""
+
+    commit_interval: float = Field(default=1.0, gt=0.0, le=60.0)
+    """At-least-once: seconds between commits (state changelog flushed with the outputs, then
+    input offsets). A crash repeats up to this much work; each commit waits for the producer."""
+
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,200}$")
     """Exactly-once: this process's name in its transactional id, `<group_id>-<instance_id>`.
 
@@ -159,18 +168,18 @@ class Settings(BaseSettings):
     def consumer_config(self, *, group_id: str | None = None) -> dict[str, Any]:
         """The scorer's consumer.
 
-        at-least-once: offsets stored by us only after the output is acknowledged, auto-committed.
+        at-least-once: offsets committed by the scorer's checkpoint, only once the outputs of the
+        records before them and the state changes they made are acknowledged.
         exactly-once: offsets are committed by the producer's transactions, never by the consumer,
         and only committed input is read.
         """
         config: dict[str, Any] = {
             "group.id": group_id or self.group_id,
             "auto.offset.reset": "earliest",
-            # Offsets are stored explicitly once the verdict or dead letter for a record (and
-            # every record before it) is acknowledged; librdkafka then commits what was stored.
+            # Offsets are committed by the checkpoint (`kafka.checkpoint`), never automatically:
+            # an offset may be committed only after the state changes it made are in the changelog.
             "enable.auto.offset.store": False,
-            "enable.auto.commit": True,
-            "auto.commit.interval.ms": 1000,
+            "enable.auto.commit": False,
             "enable.partition.eof": False,
             # Cooperative rebalancing would move partitions one at a time; eager keeps the revoke
             # callback (where we flush and commit) simple and complete.
@@ -188,8 +197,22 @@ class Settings(BaseSettings):
             "max.poll.interval.ms": 300_000,
         }
         if self.exactly_once:
-            config["enable.auto.commit"] = False
             config["isolation.level"] = "read_committed"
+        config.update(self._common())
+        return config
+
+    def changelog_reader_config(self) -> dict[str, Any]:
+        """The consumer that restores state from changelog topics (assigned, never subscribed).
+
+        It commits nothing and joins no group; exactly-once reads committed changelog records only.
+        """
+        config: dict[str, Any] = {
+            "group.id": f"{self.group_id}.changelog-reader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed" if self.exactly_once else "read_uncommitted",
+        }
         config.update(self._common())
         return config
 

@@ -26,10 +26,12 @@ def ensure_topics(
     *,
     partitions: int,
     replication_factor: int = -1,
+    configs: dict[str, str] | None = None,
 ) -> list[TopicResult]:
     """Create each topic in `names` that does not exist; report which were created.
 
-    `replication_factor=-1` lets the broker apply its `default.replication.factor`.
+    `replication_factor=-1` lets the broker apply its `default.replication.factor`; `configs`
+    are topic settings for the topics created (an existing topic is left as it is).
     """
     admin = AdminClient(config)
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_SECONDS).topics
@@ -37,7 +39,10 @@ def ensure_topics(
     results = [TopicResult(name, created=False) for name in names if name in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(name, partitions, replication_factor) for name in missing],
+            [
+                NewTopic(name, partitions, replication_factor, config=dict(configs or {}))
+                for name in missing
+            ],
             operation_timeout=ADMIN_TIMEOUT_SECONDS,
             request_timeout=ADMIN_TIMEOUT_SECONDS,
         )
@@ -81,8 +86,12 @@ def _wait_for_leaders(admin: AdminClient, names: Sequence[str]) -> None:
 
 
 def partition_count(config: dict[str, Any], topic: str) -> int:
-    """Partitions of `topic` (0 when it does not exist)."""
-    metadata = AdminClient(config).list_topics(topic=topic, timeout=ADMIN_TIMEOUT_SECONDS)
+    """Partitions of `topic` (0 when it does not exist).
+
+    Asks for every topic's metadata: a request naming the topic would have a broker with
+    `auto.create.topics.enable` create it, with default settings, as a side effect.
+    """
+    metadata = AdminClient(config).list_topics(timeout=ADMIN_TIMEOUT_SECONDS)
     found = metadata.topics.get(topic)
     if found is None or found.error is not None:
         return 0

@@ -80,10 +80,19 @@ class OutputProducer:
         value: bytes | None,
         headers: Headers,
         on_delivery: Callable[[Any, Any], None] | None,
+        partition: int | None = None,
     ) -> None:
+        """Produce one record (to `partition`, or where the key hashes to when None)."""
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                if partition is None:
+                    self._producer.produce(
+                        topic, value, key, headers=headers, on_delivery=on_delivery
+                    )
+                else:
+                    self._producer.produce(
+                        topic, value, key, partition, headers=headers, on_delivery=on_delivery
+                    )
                 return
             except BufferError:
                 # The local queue is full: wait for the broker to drain it, serving reports.

@@ -9,15 +9,14 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import KafkaError
 
 from streamer.app import ScoringApp
-from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import SyntheticWorld
-from tests.unit.fakes import RecordingProducer
+from tests.unit.fakes import AppRig, RecordingProducer, app_on_fakes
 
 INPUT = "transactions"
 
@@ -72,15 +71,13 @@ def scorer(model_path: Path) -> Scorer:
     return Scorer.from_path(model_path)
 
 
+def _rig(scorer: Any, producer: RecordingProducer | None = None) -> AppRig:
+    return app_on_fakes(cast(Scorer, scorer), Settings(max_event_bytes=4096), producer)
+
+
 def _app(scorer: Any, producer: RecordingProducer) -> ScoringApp:
-    settings = Settings(max_event_bytes=4096)
-    return ScoringApp(
-        settings,
-        cast(Scorer, scorer),
-        cast(Consumer, object()),
-        ClientErrors("consumer"),
-        cast(OutputProducer, producer),
-    )
+    """A scorer on fakes (partition 0, at-least-once) that produces to `producer`."""
+    return _rig(scorer, producer).app
 
 
 def _good_messages(count: int, start_offset: int = 0) -> list[StubMessage]:
@@ -163,16 +160,54 @@ class TestCommitPosition:
     def test_outputs_are_produced_in_offset_order(self, scorer: Scorer) -> None:
         """Dead letters and verdicts leave in consume order, so the commit position reaches the
         end of the batch even when its last records are dead-lettered."""
-        producer = RecordingProducer()
-        app = _app(scorer, producer)
+        rig = _rig(scorer)
         messages = [
             StubMessage(b"\x00garbage", b"k", 0),
             *_good_messages(3, start_offset=1),
             StubMessage(None, b"k", 4),
             StubMessage(b"\x01", b"k", 5),
         ]
-        app.process(messages)
-        sources = [int(p.headers["streamer.source.offset"]) for p in producer.produced]
+        rig.app.process(messages)
+        sources = [int(p.headers["streamer.source.offset"]) for p in rig.producer.produced]
         assert sources == [0, 1, 2, 3, 4, 5]
-        producer.poll()
-        assert app._tracker.positions() == [(INPUT, 0, 6)]
+        rig.app._checkpoint.maintain()
+        assert rig.consumer.committed_offsets == {(INPUT, 0): 6}
+
+
+class TestState:
+    def test_each_good_record_adds_to_its_card(self, scorer: Scorer) -> None:
+        """After a batch, every scored card has a history holding its records; bad ones none."""
+        rig = _rig(scorer)
+        messages = _good_messages(40)
+        bad = StubMessage(b"\xff", b"card-bad", 40)
+        rig.app.process([*messages, bad])
+        cards = {(m.key() or b"").decode() for m in messages}
+        assert set(rig.store.values(0)) == cards
+        assert rig.store.position(0) == 41
+
+    def test_a_card_seen_before_is_scored_with_its_history(self, scorer: Scorer) -> None:
+        """The same record scores differently once its card has history (the state is used)."""
+        record = next(iter(SyntheticWorld(3).generate(1))).record
+        first = dict(record, transaction_id="a", event_time=record["event_time"])
+        second = dict(record, transaction_id="b", event_time=record["event_time"] + 60_000)
+        key = record["card_id"].encode()
+        cold, warm = _rig(scorer), _rig(scorer)
+        warm.app.process([StubMessage(encode_transaction(first), key, 0)])
+        warm.producer.produced.clear()
+        message = StubMessage(encode_transaction(second), key, 1)
+        cold.app.process([message])
+        warm.app.process([message])
+        cold_score = decode_verdict(cold.producer.produced[0].value or b"")["score"]
+        warm_score = decode_verdict(warm.producer.produced[0].value or b"")["score"]
+        assert cold_score != warm_score
+
+    def test_commit_writes_each_changed_card_to_the_changelog(self, scorer: Scorer) -> None:
+        """A commit puts one changelog record per changed card, at the batch's end position."""
+        rig = _rig(scorer)
+        messages = _good_messages(30)
+        rig.app.process(messages)
+        rig.app._checkpoint.maintain()
+        changelog = [p for p in rig.producer.produced if p.topic == "changelog"]
+        assert {p.key for p in changelog} == {m.key() for m in messages}
+        assert {p.headers["streamer.changelog.position"] for p in changelog} == {"30"}
+        assert all(p.partition == 0 for p in changelog)

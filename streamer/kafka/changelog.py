@@ -1,0 +1,215 @@
+"""State changelog topics: their names and settings, and restoring a store from one.
+
+Each store writes its changes to a compacted topic `<group id>-<store>-changelog` with as many
+partitions as the input: partition i of the changelog holds the keys of input partition i, so the
+process that is assigned input partition i restores its state from changelog partition i alone.
+
+Every changelog record carries `streamer.changelog.position`, the input position its state covers
+(`kafka.checkpoint`). A restore applies the records of a partition in log order and leaves out
+those whose position is past the input partition's committed offset: the checkpoint that wrote
+them did not commit (the process died between flushing the changelog and committing offsets, which
+only at-least-once can do), so their input records are read again, and must meet the state they
+met the first time. Exactly-once reads the changelog `read_committed`: an aborted transaction's
+records are never seen, and a committed record's position is never past the committed offset.
+
+Compaction keeps the latest record of each key. A record left out above needs the one before it,
+so `min.compaction.lag.ms` keeps every record uncompacted for a day: a restore within a day of a
+crash always finds it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from streamer.errors import ConfigError, KafkaFatalError
+from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka.admin import ensure_topics, partition_count
+from streamer.kafka.clients import ClientErrors, create_consumer
+from streamer.state.store import KeyedStore
+
+log = structlog.get_logger(__name__)
+
+CHANGELOG_TOPIC_CONFIG: Final[dict[str, str]] = {
+    "cleanup.policy": "compact",
+    # See the module docstring: the record before an uncommitted one must survive compaction.
+    "min.compaction.lag.ms": str(24 * 3_600_000),
+}
+RESTORE_BATCH: Final = 10_000
+"""Changelog records taken per consume call while restoring."""
+PROGRESS_SECONDS: Final = 5.0
+"""Seconds between restore progress log lines."""
+
+
+def changelog_topic(group_id: str, store: str) -> str:
+    """The changelog topic of `store` for the scorers of `group_id`."""
+    return f"{group_id}-{store}-changelog"
+
+
+def ensure_changelog(
+    admin_config: dict[str, Any], topic: str, input_topic: str, *, replication_factor: int = -1
+) -> bool:
+    """Create `topic` with the input's partition count if missing; True if created.
+
+    Raises `ConfigError` when the input topic does not exist, or the changelog exists with a
+    different partition count (its partitions would not match the input's keys).
+    """
+    partitions = partition_count(admin_config, input_topic)
+    if partitions == 0:
+        raise ConfigError(
+            f"input topic {input_topic!r} does not exist; create it (`streamer topics create`) "
+            "or set STREAMER_INPUT_TOPIC"
+        )
+    existing = partition_count(admin_config, topic)
+    if existing == 0:
+        results = ensure_topics(
+            admin_config,
+            [topic],
+            partitions=partitions,
+            replication_factor=replication_factor,
+            configs=CHANGELOG_TOPIC_CONFIG,
+        )
+        return any(result.created for result in results)
+    if existing != partitions:
+        raise ConfigError(
+            f"changelog topic {topic!r} has {existing} partitions but input topic "
+            f"{input_topic!r} has {partitions}: state partitions must match input partitions; "
+            "delete the changelog (its state is rebuilt only from the input) or use a new "
+            "STREAMER_GROUP_ID"
+        )
+    return False
+
+
+class Restorer:
+    """Rebuilds a store's partitions from its changelog, a bounded step at a time.
+
+    The scoring loop pauses the input partitions being restored and calls `step` once per turn,
+    so the consumer keeps polling (and its group membership alive) while a large state loads.
+    """
+
+    def __init__(self, config: dict[str, Any], store: KeyedStore[Any], topic: str) -> None:
+        self._config = {**config, "enable.partition.eof": True, "enable.auto.commit": False}
+        self._store = store
+        self._topic = topic
+        self._consumer: Consumer | None = None
+        self._errors = ClientErrors("changelog reader")
+        self._committed: dict[int, int | None] = {}
+        """Partitions being restored → the input's committed offset (None: none committed)."""
+        self._started = 0.0
+        self._records = 0
+        self._next_progress = 0.0
+
+    @property
+    def restoring(self) -> list[int]:
+        """The partitions being restored."""
+        return sorted(self._committed)
+
+    @property
+    def restored(self) -> list[int]:
+        """The partitions whose state is restored."""
+        return [p for p in self._store.partitions if p not in self._committed]
+
+    def start(self, committed: Mapping[int, int | None]) -> None:
+        """Restore these partitions, given each input partition's committed offset."""
+        if not committed:
+            return
+        for partition in committed:
+            self._store.assign(partition)
+        self._committed.update(committed)
+        if self._consumer is None:
+            self._consumer = create_consumer(self._config, self._errors)
+        self._consumer.assign(
+            [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in self._committed]
+        )
+        self._started = time.monotonic()
+        self._next_progress = self._started + PROGRESS_SECONDS
+        self._records = 0
+        log.info("restoring state", store=self._store.name, partitions=self.restoring)
+
+    def cancel(self) -> None:
+        """Stop restoring (the partitions were revoked)."""
+        self._committed.clear()
+        if self._consumer is not None:
+            self._consumer.unassign()
+
+    def step(self, seconds: float) -> list[int]:
+        """Apply changelog records for about `seconds`; the partitions finished in this step."""
+        consumer = self._consumer
+        if consumer is None or not self._committed:
+            return []
+        finished: list[int] = []
+        deadline = time.monotonic() + seconds
+        store, committed = self._store, self._committed
+        while committed and time.monotonic() < deadline:
+            messages = consumer.consume(RESTORE_BATCH, 0.05)
+            self._errors.raise_if_fatal()
+            for message in messages:
+                partition = message.partition()
+                assert partition is not None
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        if partition in committed:
+                            finished.append(partition)
+                            self._finish(partition)
+                        continue
+                    if error.fatal():
+                        raise KafkaFatalError(f"changelog reader: {error.str()}")
+                    log.warning("changelog reader error", error=error.str())
+                    continue
+                if partition not in committed:
+                    continue
+                position = _position(message.headers())
+                limit = committed[partition]
+                if position is None or limit is None or position > limit:
+                    continue  # written by a checkpoint that did not commit: see module docstring
+                key = message.key()
+                if key is None:
+                    continue
+                store.restore(partition, key.decode(), message.value())
+                self._records += 1
+        now = time.monotonic()
+        if committed and now >= self._next_progress:
+            self._next_progress = now + PROGRESS_SECONDS
+            log.info(
+                "restoring state",
+                store=store.name,
+                partitions=self.restoring,
+                records=self._records,
+                seconds=round(now - self._started, 1),
+            )
+        if not committed:
+            seconds_taken = max(now - self._started, 1e-9)
+            log.info(
+                "state restored",
+                store=store.name,
+                records=self._records,
+                keys=len(store),
+                seconds=round(seconds_taken, 3),
+                records_per_second=round(self._records / seconds_taken),
+            )
+            consumer.unassign()
+        return finished
+
+    def _finish(self, partition: int) -> None:
+        self._store.restored(partition, self._committed.pop(partition))
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+
+def _position(headers: Any) -> int | None:
+    """The `CHANGELOG_POSITION` header's value (None: absent or not a number)."""
+    for name, value in headers or ():
+        if name == CHANGELOG_POSITION and value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

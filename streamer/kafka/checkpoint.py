@@ -1,0 +1,464 @@
+"""What commits together: outputs, state changes, changelog records and input offsets.
+
+The scoring loop never names the delivery guarantee. It polls a batch, runs the pipeline, hands
+the outputs to its checkpoint (`outputs`, then `processed`) and calls `maintain` once per turn;
+the checkpoint decides when and how everything commits, and what an error does:
+
+- `AtLeastOnce`: every `interval` seconds, the state's changes go to its changelog topics, the
+  producer is flushed (verdicts, dead letters and changelog records all acknowledged), and only
+  then are the input offsets committed, each partition's no further than its acknowledged prefix
+  (`kafka.delivery`). A changelog record carries the input position its state covers
+  (`streamer.changelog.position`), so a restore can leave out state newer than the committed
+  offsets (`kafka.changelog`): after a crash between the flush and the commit the records are
+  read again and applied to the state they were first applied to, not twice. A failed delivery
+  stops the scorer, with offsets committed only in front of it.
+- `ExactlyOnce`: verdicts, dead letters, changelog records and input offsets go into one Kafka
+  transaction, begun lazily at the first output and committed every `interval` seconds. An abort
+  returns the state to the last commit (the store's undo) and rewinds the consumer to the
+  committed offsets, so the records are read and scored again; a fenced scorer stops.
+
+Kept from before: the delivery tracker's per-run positions, the classification of transactional
+errors, and the watchdog around calls that can hang (`kafka.transactions`, `kafka.watchdog`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from streamer.errors import DeliveryFailedError, FencedError, KafkaFatalError
+from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka.clients import OutputProducer, commit_positions
+from streamer.kafka.delivery import DeliveryCallback, DeliveryFailure, DeliveryTracker, Source
+from streamer.kafka.transactions import AbortableError, Transactions
+from streamer.state.store import KeyedStore
+
+log = structlog.get_logger(__name__)
+
+FLUSH_SECONDS: Final = 30.0
+"""How long a commit waits for outstanding acknowledgements before giving up on this commit."""
+MAX_ABORTS_IN_A_ROW: Final = 5
+"""Exactly-once: transactions aborted one after another, with no commit between, before stopping."""
+EXPIRY_EVERY_MS: Final = 3_600_000
+"""Stream time (ms) between two sweeps of a partition's state for expired keys."""
+_TRANSIENT_DELIVERY_ERRORS: Final = frozenset(
+    {KafkaError._MSG_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Changelog:
+    """A store and the compacted topic its changes go to (partition i holds partition i's keys)."""
+
+    store: KeyedStore[Any]
+    topic: str
+
+
+class Checkpoint(ABC):
+    """Owns what commits together; see the module docstring for each guarantee."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: OutputProducer,
+        changelogs: Sequence[Changelog],
+        interval: float,
+    ) -> None:
+        self._consumer = consumer
+        self._producer = producer
+        self._changelogs = tuple(changelogs)
+        self._interval = interval
+        self._tracker = DeliveryTracker()
+        self._swept_at: dict[tuple[str, int], int] = {}
+        self.callback_error: BaseException | None = None
+        """An error met inside a rebalance callback, for the loop to raise."""
+        self.committed = 0
+        self.aborted = 0
+
+    # -- the loop's calls ------------------------------------------------------------------------
+
+    @abstractmethod
+    def outputs(
+        self,
+        sources: Sequence[Source],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> list[DeliveryCallback]:
+        """The delivery callback of each output of a batch, about to be produced in this order.
+
+        `sources`: each record's input (topic, partition, offset); `keys` and `values`: its
+        output's key and value (`values` may be filled as the outputs are produced).
+        """
+
+    @abstractmethod
+    def processed(self, sources: Sequence[Source]) -> None:
+        """The batch's outputs (of the records at `sources`) are all produced."""
+
+    @abstractmethod
+    def failed(self, reason: str) -> None:
+        """Producing a batch's outputs raised (the client refused a record): act on it."""
+
+    @abstractmethod
+    def maintain(self) -> None:
+        """Serve delivery reports, act on failures, commit when the interval is up."""
+
+    @abstractmethod
+    def revoke(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """The group takes `partitions` away: commit what is done before they go."""
+
+    @abstractmethod
+    def lose(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """The group has given `partitions` to another member already: commit nothing."""
+
+    @abstractmethod
+    def close(self, *, clean: bool) -> None:
+        """The scorer is stopping (`clean`: not on an error): leave nothing half done."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> bool:
+        """Whether anything is produced or changed and not yet committed."""
+
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Outputs produced and not yet acknowledged."""
+
+    @property
+    def acknowledged(self) -> int | None:
+        """Outputs the broker acknowledged so far (None: the producer reports failures only)."""
+        return None
+
+    def fence_on_poll_exceeded(self, reason: str) -> bool:
+        """The consumer missed `max.poll.interval.ms`: True if the scorer must stop (fenced)."""
+        return False
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    def _drop_state(self, partitions: Sequence[tuple[str, int]]) -> None:
+        numbers = [partition for _, partition in partitions]
+        for changelog in self._changelogs:
+            changelog.store.drop(numbers)
+
+    def _write_changelogs(self, on_delivery: DeliveryCallback) -> int:
+        """Produce every store's changes since the last commit; how many records."""
+        produce = self._producer.produce
+        written = 0
+        for changelog in self._changelogs:
+            store = changelog.store
+            for partition in store.partitions:
+                self._sweep(store, partition)
+                position = store.position(partition)
+                if position is None:
+                    continue
+                headers: list[tuple[str, str | bytes | None]] = [
+                    (CHANGELOG_POSITION, str(position).encode())
+                ]
+                for key, value in store.changes(partition):
+                    produce(changelog.topic, key.encode(), value, headers, on_delivery, partition)
+                    written += 1
+        return written
+
+    def _sweep(self, store: KeyedStore[Any], partition: int) -> None:
+        """Delete expired keys once per `EXPIRY_EVERY_MS` of the partition's stream time."""
+        now = store.stream_time(partition)
+        swept = self._swept_at.setdefault((store.name, partition), now)
+        if now - swept >= EXPIRY_EVERY_MS:
+            expired = store.expire(partition)
+            self._swept_at[(store.name, partition)] = now
+            if expired:
+                log.info("state expired", store=store.name, partition=partition, keys=expired)
+
+    def _commit_stores(self) -> None:
+        for changelog in self._changelogs:
+            changelog.store.commit()
+
+    def _changelog_failure(self, error: KafkaError | None, message: Any) -> None:
+        # Runs inside librdkafka's poll/flush: record only, never raise.
+        if error is not None:
+            partition = message.partition() if message is not None else -1
+            self._tracker.failures.append(
+                DeliveryFailure(str(message.topic()) if message else "?", partition, -1, error)
+            )
+
+
+class AtLeastOnce(Checkpoint):
+    """Changelog flushed with the outputs, then offsets committed, every `interval` seconds."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: OutputProducer,
+        changelogs: Sequence[Changelog],
+        interval: float,
+    ) -> None:
+        super().__init__(consumer, producer, changelogs, interval)
+        self._last_commit = time.monotonic()
+        self._uncommitted = False
+
+    def outputs(
+        self,
+        sources: Sequence[Source],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> list[DeliveryCallback]:
+        self._uncommitted = True
+        return self._tracker.track_batch(sources, keys, values)
+
+    def failed(self, reason: str) -> None:
+        raise KafkaFatalError(f"producing failed: {reason}")
+
+    def processed(self, sources: Sequence[Source]) -> None:
+        # Positions advance with the acknowledgements (`DeliveryTracker`), not with producing.
+        return
+
+    def maintain(self) -> None:
+        self._producer.poll(0)
+        self._check()
+        if self._uncommitted and time.monotonic() - self._last_commit >= self._interval:
+            self.commit()
+
+    def _check(self) -> None:
+        self._producer.errors.raise_if_fatal()
+        failures = self._tracker.failures
+        if failures:
+            raise DeliveryFailedError(
+                describe_failures(failures) + "; offsets stay uncommitted from there"
+            )
+
+    def commit(self, partitions: Sequence[tuple[str, int]] | None = None) -> bool:
+        """Changelog, flush, offsets (of `partitions`, default all). False: nothing committed.
+
+        Raises `DeliveryFailedError` when an output or changelog record was refused.
+        """
+        self._last_commit = time.monotonic()
+        self._write_changelogs(self._changelog_failure)
+        remaining = self._producer.flush(FLUSH_SECONDS)
+        self._check()
+        if remaining:
+            log.error(
+                "outputs not acknowledged in time; their inputs stay uncommitted",
+                in_flight=remaining,
+            )
+            return False
+        positions = self._tracker.positions(partitions)
+        commit_positions(self._consumer, positions)
+        self._commit_stores()
+        self._uncommitted = False
+        self.committed += 1
+        if positions:
+            log.debug("committed", positions=positions)
+        return True
+
+    def revoke(self, partitions: Sequence[tuple[str, int]]) -> None:
+        # Runs inside consume() on the main thread. Wait for the outputs of the records read from
+        # these partitions, then commit what is safe so the next owner starts after them.
+        try:
+            self.commit()
+        except Exception as exc:  # never raise inside a librdkafka callback
+            log.error("commit at revoke failed", error=repr(exc))
+        self._tracker.forget(partitions)
+        self._drop_state(partitions)
+
+    def lose(self, partitions: Sequence[tuple[str, int]]) -> None:
+        # The group moved on without us: another member owns these now; committing would be wrong.
+        self._tracker.forget(partitions)
+        self._drop_state(partitions)
+
+    def close(self, *, clean: bool) -> None:
+        # Even after an error, commit what is acknowledged: the records after it are redone.
+        if clean:
+            self.commit()
+            return
+        try:
+            self.commit()
+        except Exception as exc:  # already stopping on an error; that one is the one to report
+            log.error("commit at stop failed", error=repr(exc))
+
+    @property
+    def pending(self) -> bool:
+        return self._uncommitted or self._tracker.in_flight() > 0
+
+    def in_flight(self) -> int:
+        return self._tracker.in_flight()
+
+    @property
+    def acknowledged(self) -> int | None:
+        return self._tracker.acknowledged_total
+
+
+class ExactlyOnce(Checkpoint):
+    """Outputs, changelog records and offsets in one transaction, every `interval` seconds."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: OutputProducer,
+        changelogs: Sequence[Changelog],
+        interval: float,
+        transactions: Transactions,
+    ) -> None:
+        super().__init__(consumer, producer, changelogs, interval)
+        self.transactions = transactions
+        self._positions: dict[tuple[str, int], int] = {}
+        """The next offset to read per partition, for the open transaction."""
+        self._aborts_in_a_row = 0
+
+    def outputs(
+        self,
+        sources: Sequence[Source],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> list[DeliveryCallback]:
+        self.transactions.begin()
+        # The commit waits for every output; the producer reports failures only.
+        return [self._tracker.failure_callback(sources, keys, values)] * len(sources)
+
+    def processed(self, sources: Sequence[Source]) -> None:
+        positions = self._positions
+        for topic, partition, offset in sources:
+            positions[(topic, partition)] = offset + 1
+
+    def failed(self, reason: str) -> None:
+        # Once a transaction has failed (a delivery refused, say), librdkafka refuses further
+        # records in it: abort, and read the batch again in a new transaction.
+        self._abort_and_rewind(f"producing failed: {reason}")
+
+    def maintain(self) -> None:
+        self._producer.poll(0)
+        transactions = self.transactions
+        if self._tracker.failures:
+            self._abort_and_rewind("an output was not delivered")
+        elif (
+            transactions.opened_at is not None
+            and time.monotonic() - transactions.opened_at >= self._interval
+        ):
+            self.commit(rewind=True)
+
+    def commit(self, *, rewind: bool) -> bool:
+        """Commit the open transaction; on failure abort it (and rewind, if `rewind`)."""
+        transactions = self.transactions
+        if not transactions.is_open:
+            return False
+        self._write_changelogs(self._tracker.failure_callback((), (), ()))
+        # Wait for the deliveries first: a refused output shows up here, with its reason, rather
+        # than as a transaction that cannot commit.
+        with transactions.watchdog.guard("flush", FLUSH_SECONDS):
+            remaining = self._producer.flush(FLUSH_SECONDS)
+        if self._tracker.failures or remaining:
+            self._abort_for(
+                f"an output was not delivered ({remaining} unacknowledged after the wait)", rewind
+            )
+            return False
+        try:
+            transactions.commit(self._positions)
+        except AbortableError as exc:
+            self._abort_for(str(exc), rewind)
+            return False
+        self._commit_stores()
+        self._positions.clear()
+        self._tracker = DeliveryTracker()
+        self._aborts_in_a_row = 0
+        self.committed += 1
+        return True
+
+    def _abort_for(self, reason: str, rewind: bool) -> None:
+        if rewind:
+            self._abort_and_rewind(reason)
+        else:
+            self._abort(reason)
+
+    def _abort(self, reason: str) -> None:
+        """Abort the open transaction and forget what it did; stop if it cannot succeed."""
+        self._producer.poll(0)  # serve the delivery reports that say why, if any are queued
+        failures = self._tracker.failures
+        permanent = [f for f in failures if f.error.code() not in _TRANSIENT_DELIVERY_ERRORS]
+        self.transactions.abort(reason)
+        self.aborted += 1
+        for changelog in self._changelogs:
+            changelog.store.rollback()
+        self._positions.clear()
+        self._tracker = DeliveryTracker()
+        if permanent:
+            raise DeliveryFailedError(f"{describe_failures(permanent)}; the transaction is aborted")
+        self._aborts_in_a_row += 1
+        if self._aborts_in_a_row >= MAX_ABORTS_IN_A_ROW:
+            raise KafkaFatalError(
+                f"{self._aborts_in_a_row} transactions aborted in a row, the last because: "
+                f"{reason}; stopping with nothing committed past the last good transaction"
+            )
+
+    def _abort_and_rewind(self, reason: str) -> None:
+        self._abort(reason)
+        self._rewind()
+
+    def _abort_quietly(self, reason: str) -> None:
+        try:
+            self.transactions.abort(reason)
+        except Exception as exc:  # already stopping on an error; that one is the one to report
+            log.error("abort failed", error=str(exc))
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset."""
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return
+        committed = self._consumer.committed(assignment, timeout=30)
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        log.info(
+            "rewound to the committed offsets",
+            positions={f"{tp.topic}[{tp.partition}]": tp.offset for tp in committed},
+        )
+
+    def revoke(self, partitions: Sequence[tuple[str, int]]) -> None:
+        try:
+            self.commit(rewind=False)
+        except Exception as exc:  # never raise inside a librdkafka callback
+            log.error("commit at revoke failed", error=repr(exc))
+            self.callback_error = exc
+        self._drop_state(partitions)
+
+    def lose(self, partitions: Sequence[tuple[str, int]]) -> None:
+        # A zombie: whatever it wrote must never become visible. Abort, then stop.
+        self._abort_quietly("partitions lost")
+        self._drop_state(partitions)
+        self.callback_error = FencedError(
+            "the consumer group moved on without this scorer (partitions lost: it was "
+            "unresponsive past max.poll.interval.ms or session.timeout.ms); its open "
+            "transaction is aborted and nothing it wrote is visible; restart it"
+        )
+
+    def fence_on_poll_exceeded(self, reason: str) -> bool:
+        # The group has moved on: whatever the open transaction holds must never be visible.
+        self._abort_quietly(reason)
+        return True
+
+    def close(self, *, clean: bool) -> None:
+        """Exactly-once after an error commits nothing: a batch may be half-produced, so its
+        transaction is aborted and the records are scored again by whoever reads them next."""
+        if clean:
+            self.commit(rewind=False)
+        else:
+            self._abort_quietly("the scorer is stopping on an error")
+
+    @property
+    def pending(self) -> bool:
+        return self.transactions.is_open
+
+    def in_flight(self) -> int:
+        return len(self._producer)
+
+
+def describe_failures(failures: Sequence[DeliveryFailure]) -> str:
+    first = failures[0]
+    return (
+        f"output for {first.topic}[{first.partition}]@{first.offset} was not delivered: "
+        f"{first.error.str()} ({len(failures)} failed)"
+    )

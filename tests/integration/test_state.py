@@ -1,0 +1,160 @@
+"""Card history on a real broker: the changelog topic, restore after a restart, training parity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.cimpl import NewTopic
+
+from streamer.features import build_features
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.clients import OutputProducer
+from streamer.model.scorer import Scorer
+from streamer.serde import decode_verdict
+from streamer.synthetic import LabelledTransaction, SyntheticWorld
+from streamer.tools.produce import publish
+from tests.conftest import Topics
+from tests.integration.support import read_all, run_scorer, scorer_env, streamer_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MODES = ("at-least-once", "exactly-once")
+
+
+def changelog_of(topics: Topics) -> str:
+    return f"{topics.group}-card-state-changelog"
+
+
+def publish_events(bootstrap: str, topic: str, events: list[LabelledTransaction]) -> None:
+    report = publish(OutputProducer({"bootstrap.servers": bootstrap}), topic, events)
+    assert report.acknowledged == len(events), report
+
+
+def scores_by_id(bootstrap: str, topic: str) -> dict[str, list[float]]:
+    """Every verdict's score, by transaction id (duplicates kept)."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for record in read_all(bootstrap, topic):
+        verdict = decode_verdict(record.value or b"")
+        found[verdict["transaction_id"]].append(verdict["score"])
+    return dict(found)
+
+
+def reference_scores(bootstrap: str, topics: Topics, model_path: Path) -> dict[str, list[float]]:
+    """An uninterrupted scorer over the whole input topic, with a fresh group (fresh state)."""
+    suffix = uuid.uuid4().hex[:8]
+    reference = dataclasses.replace(
+        topics, output=f"reference-{suffix}", group=f"reference-{suffix}"
+    )
+    ensure_topics({"bootstrap.servers": bootstrap}, [reference.output], partitions=3)
+    result = run_scorer(scorer_env(bootstrap, reference, model_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return scores_by_id(bootstrap, reference.output)
+
+
+def log_lines(stderr: str, event: str) -> list[dict[str, object]]:
+    lines = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            parsed = json.loads(line)
+            if parsed.get("event") == event:
+                lines.append(parsed)
+    return lines
+
+
+class TestChangelogTopic:
+    def test_topics_create_makes_a_compacted_changelog_like_the_input(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """`streamer topics create` adds the group's changelog: input's partitions, compacted."""
+        group = f"streamer-{uuid.uuid4().hex[:8]}"
+        env = scorer_env(bootstrap_servers, dataclasses.replace(topics, group=group), model_path)
+        result = subprocess.run(
+            streamer_command("topics", "create", "--partitions", "5"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        changelog = f"{group}-card-state-changelog"
+        assert f"{changelog}: created" in result.stdout
+        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        metadata = admin.list_topics(changelog, timeout=30).topics[changelog]
+        assert len(metadata.partitions) == 3, "partitioned like the existing input topic"
+        resource = ConfigResource(ConfigResource.Type.TOPIC, changelog)
+        config = admin.describe_configs([resource])[resource].result(timeout=30)
+        assert config["cleanup.policy"].value == "compact"
+
+    def test_a_changelog_unlike_the_input_is_refused(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """A changelog whose partitions do not match the input's stops the scorer at start."""
+        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        futures = admin.create_topics([NewTopic(changelog_of(topics), 2, 1)])
+        for future in futures.values():
+            future.result(timeout=30)
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path), until_idle=1)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "has 2 partitions but input topic" in result.stderr
+        assert read_all(bootstrap_servers, topics.output) == []
+
+
+class TestRestore:
+    @pytest.mark.parametrize("mode", MODES)
+    def test_a_restarted_scorer_scores_as_one_that_never_stopped(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path, mode: str
+    ) -> None:
+        """Stop, restart from the changelog, go on: every score equals an uninterrupted run's."""
+        events = list(SyntheticWorld(23, n_cards=300).generate(6_000))
+        env = scorer_env(bootstrap_servers, topics, model_path, STREAMER_PROCESSING_GUARANTEE=mode)
+        publish_events(bootstrap_servers, topics.input, events[:3_000])
+        first = run_scorer(env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        changelog = read_all(bootstrap_servers, changelog_of(topics))
+        assert changelog, "the first scorer wrote its state to the changelog"
+        assert {r.headers["streamer.changelog.position"] for r in changelog}
+
+        publish_events(bootstrap_servers, topics.input, events[3_000:])
+        second = run_scorer(env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        restored = log_lines(second.stderr, "state restored")
+        assert restored, "the second scorer restored state before scoring"
+        assert int(str(restored[-1]["keys"])) > 250
+
+        scores = scores_by_id(bootstrap_servers, topics.output)
+        reference = reference_scores(bootstrap_servers, topics, model_path)
+        assert set(scores) == {e.record["transaction_id"] for e in events}
+        assert all(len(found) == 1 for found in scores.values())
+        differing = [tid for tid, found in scores.items() if found != reference[tid]]
+        assert differing == [], f"{len(differing)} scores differ from the uninterrupted run"
+
+
+class TestTrainingParity:
+    def test_the_stream_scores_what_the_training_path_scores(
+        self, bootstrap_servers: str, topics: Topics, model_path: Path
+    ) -> None:
+        """Every verdict's score equals the training path's (`build_features`, time order)."""
+        events = list(SyntheticWorld(31, n_cards=400).generate(5_000))
+        publish_events(bootstrap_servers, topics.input, events)
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+        features = build_features([event.record for event in events])
+        expected = Scorer.from_path(model_path).score(features)
+        scores = scores_by_id(bootstrap_servers, topics.output)
+        differing = [
+            event.record["transaction_id"]
+            for event, score in zip(events, expected.tolist(), strict=True)
+            if scores[event.record["transaction_id"]] != [score]
+        ]
+        assert differing == [], f"{len(differing)} of {len(events)} scores differ"
+        assert np.isfinite(expected).all()

@@ -1,0 +1,207 @@
+"""Each checkpoint with fakes: what commits together, in which order, and what a failure undoes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from streamer.errors import DeliveryFailedError, FencedError
+from streamer.kafka.checkpoint import AtLeastOnce, Changelog, Checkpoint, ExactlyOnce
+from streamer.kafka.clients import OutputProducer
+from streamer.kafka.transactions import AbortableError, Transactions
+from streamer.state.store import KeyedStore, StateCodec
+from tests.unit.fakes import FakeConsumer, FakeTransactions, RecordingProducer
+
+INPUT = "transactions"
+OUTPUT = "verdicts"
+CHANGELOG = "group-counts-changelog"
+MODES = ("at-least-once", "exactly-once")
+
+COUNTS: StateCodec[list[int]] = StateCodec(
+    encode=lambda value: json.dumps(value).encode(),
+    decode=lambda data: list(json.loads(data)),
+    copy=list,
+    expired=lambda value, now: False,
+)
+"""A store of per-key lists of offsets: what each key has seen."""
+
+
+class Rig:
+    """A checkpoint of one mode on fakes, and a way to push records through it."""
+
+    def __init__(self, mode: str) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.consumer = FakeConsumer(events=self.events)
+        self.producer = RecordingProducer(events=self.events)
+        self.store: KeyedStore[list[int]] = KeyedStore(
+            "counts", COUNTS, keep_undo=mode == "exactly-once"
+        )
+        for partition in (0, 1):
+            self.store.assign(partition)
+            self.consumer.assigned.append(TopicPartition(INPUT, partition))
+        changelogs = [Changelog(self.store, CHANGELOG)]
+        consumer = cast(Consumer, self.consumer)
+        producer = cast(OutputProducer, self.producer)
+        self.transactions = FakeTransactions(
+            events=self.events, offsets=self.consumer.committed_offsets
+        )
+        self.checkpoint: Checkpoint
+        if mode == "exactly-once":
+            self.checkpoint = ExactlyOnce(
+                consumer, producer, changelogs, 0.0, cast(Transactions, self.transactions)
+            )
+        else:
+            self.checkpoint = AtLeastOnce(consumer, producer, changelogs, 0.0)
+
+    def feed(self, partition: int, offsets: range, key: str = "k") -> None:
+        """Records `offsets` of `partition`, each adding its offset to `key`'s state, produced."""
+        sources = [(INPUT, partition, offset) for offset in offsets]
+        keys = [key.encode()] * len(sources)
+        view = self.store.checkout([partition] * len(sources), [key] * len(sources))
+        value = view.setdefault(key, [])
+        value.extend(offsets)
+        self.store.checkin(
+            view, [partition] * len(sources), [key] * len(sources), {partition: offsets[-1] + 1}, {}
+        )
+        outputs: list[bytes | None] = []
+        callbacks = self.checkpoint.outputs(sources, keys, outputs)
+        for (_, _, offset), callback in zip(sources, callbacks, strict=True):
+            outputs.append(str(offset).encode())
+            self.producer.produce(OUTPUT, key.encode(), outputs[-1], [], callback)
+        self.checkpoint.processed(sources)
+
+    def changelog(self) -> list[tuple[int | None, bytes | None, bytes | None, str]]:
+        return [
+            (p.partition, p.key, p.value, p.headers["streamer.changelog.position"])
+            for p in self.producer.produced
+            if p.topic == CHANGELOG
+        ]
+
+    def committed(self) -> list[tuple[Any, ...]]:
+        return [event for event in self.events if event[0] == "commit"]
+
+
+@pytest.fixture(params=MODES)
+def rig(request: pytest.FixtureRequest) -> Rig:
+    return Rig(request.param)
+
+
+class TestCommit:
+    def test_changelog_then_offsets(self, rig: Rig) -> None:
+        """A commit produces the state's changes, flushes, then commits the offsets after them."""
+        rig.feed(0, range(0, 3))
+        rig.feed(1, range(0, 2), key="j")
+        rig.checkpoint.maintain()
+        assert sorted(rig.changelog()) == [(0, b"k", b"[0, 1, 2]", "3"), (1, b"j", b"[0, 1]", "2")]
+        steps = [e[0] for e in rig.events if e[0] != "begin"]
+        last_changelog = max(i for i, e in enumerate(rig.events) if e == ("produce", CHANGELOG))
+        assert steps[-2:] == ["flush", "commit"]
+        assert rig.events.index(("flush",)) > last_changelog
+        assert rig.committed() == [("commit", [(INPUT, 0, 3), (INPUT, 1, 2)])]
+
+    def test_only_changed_keys_are_written_again(self, rig: Rig) -> None:
+        """After a commit, the next one writes only the keys changed since."""
+        rig.feed(0, range(0, 2))
+        rig.feed(0, range(2, 3), key="other")
+        rig.checkpoint.maintain()
+        rig.producer.produced.clear()
+        rig.feed(0, range(3, 4))
+        rig.checkpoint.maintain()
+        assert rig.changelog() == [(0, b"k", b"[0, 1, 3]", "4")]
+
+    def test_nothing_to_commit_commits_nothing(self, rig: Rig) -> None:
+        """An idle checkpoint neither produces nor commits."""
+        rig.checkpoint.maintain()
+        assert rig.committed() == []
+        assert not rig.checkpoint.pending
+
+    def test_revoke_commits_then_drops_the_state(self, rig: Rig) -> None:
+        """Partitions taken away are committed first, then their state is forgotten."""
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.revoke([(INPUT, 0), (INPUT, 1)])
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+        assert rig.store.partitions == []
+
+
+class TestFailure:
+    def test_at_least_once_refused_output_stops_before_it(self) -> None:
+        """A refused verdict stops the scorer; no offset at or after it is committed."""
+        rig = Rig("at-least-once")
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.maintain()
+        rig.producer.refuse.add(OUTPUT)
+        rig.feed(0, range(2, 4))
+        with pytest.raises(DeliveryFailedError, match=r"transactions\[0\]@2"):
+            rig.checkpoint.maintain()
+        assert rig.consumer.committed_offsets == {(INPUT, 0): 2}
+
+    def test_at_least_once_refused_changelog_commits_nothing(self) -> None:
+        """A refused changelog record stops the scorer before the offsets it covers commit."""
+        rig = Rig("at-least-once")
+        rig.producer.refuse.add(CHANGELOG)
+        rig.feed(0, range(0, 2))
+        with pytest.raises(DeliveryFailedError):
+            rig.checkpoint.maintain()
+        assert rig.committed() == []
+
+    def test_exactly_once_refused_output_aborts_rolls_back_and_rewinds(self) -> None:
+        """An abort takes the state's changes back and rewinds to the committed offsets."""
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.maintain()
+        rig.producer.refuse.add(OUTPUT)
+        rig.producer.refuse_error = KafkaError(KafkaError._MSG_TIMED_OUT)
+        rig.feed(0, range(2, 4))
+        rig.feed(1, range(0, 1), key="new")
+        rig.checkpoint.maintain()
+        assert [e[0] for e in rig.events].count("abort") == 1
+        assert rig.store.values(0) == {"k": [0, 1]}
+        assert rig.store.values(1) == {}
+        assert rig.store.position(0) == 2
+        assert rig.consumer.seeks == [(INPUT, 0, 2), (INPUT, 1, -2)]
+        assert rig.checkpoint.aborted == 1
+
+    def test_exactly_once_abortable_commit_rolls_back(self) -> None:
+        """A commit the coordinator refuses as abortable aborts, rolls back and rewinds."""
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        error = KafkaError(KafkaError.INVALID_TXN_STATE)
+        rig.transactions.commit_raises = AbortableError(error, "commit_transaction")
+        rig.checkpoint.maintain()
+        assert rig.store.values(0) == {}
+        assert rig.store.position(0) is None
+        assert rig.consumer.seeks == [(INPUT, 0, -2), (INPUT, 1, -2)]
+
+    def test_exactly_once_fenced_commit_stops(self) -> None:
+        """A fenced producer stops the scorer: nothing of the transaction is kept."""
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        rig.transactions.commit_raises = FencedError("another producer took over")
+        with pytest.raises(FencedError):
+            rig.checkpoint.maintain()
+        assert rig.committed() == []
+
+    def test_lost_partitions_commit_nothing(self, rig: Rig) -> None:
+        """Partitions the group already gave away: no commit, state dropped; exactly-once stops."""
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.lose([(INPUT, 0), (INPUT, 1)])
+        assert rig.committed() == []
+        assert rig.store.partitions == []
+        if isinstance(rig.checkpoint, ExactlyOnce):
+            assert isinstance(rig.checkpoint.callback_error, FencedError)
+            assert [e[0] for e in rig.events].count("abort") == 1
+        else:
+            assert rig.checkpoint.callback_error is None
+
+    def test_close_on_error(self, rig: Rig) -> None:
+        """Stopping on an error: at-least-once commits what is acknowledged, exactly-once aborts."""
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.close(clean=False)
+        if isinstance(rig.checkpoint, ExactlyOnce):
+            assert rig.committed() == []
+            assert [e[0] for e in rig.events].count("abort") == 1
+        else:
+            assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
