@@ -47,6 +47,9 @@ MAX_ABORTS_IN_A_ROW: Final = 5
 """Exactly-once: transactions aborted one after another, with no commit between, before stopping."""
 EXPIRY_EVERY_MS: Final = 3_600_000
 """Stream time (ms) between two sweeps of a partition's state for expired keys."""
+EXPIRY_LATENESS_MS: Final = 7 * 86_400_000
+"""A sweep deletes what expired this long before the partition's newest event time, so a record
+up to a week late still meets the state it would have met without the sweep."""
 _TRANSIENT_DELIVERY_ERRORS: Final = frozenset(
     {KafkaError._MSG_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 )
@@ -169,7 +172,7 @@ class Checkpoint(ABC):
         now = store.stream_time(partition)
         swept = self._swept_at.setdefault((store.name, partition), now)
         if now - swept >= EXPIRY_EVERY_MS:
-            expired = store.expire(partition)
+            expired = store.expire(partition, EXPIRY_LATENESS_MS)
             self._swept_at[(store.name, partition)] = now
             if expired:
                 log.info("state expired", store=store.name, partition=partition, keys=expired)

@@ -170,12 +170,18 @@ class KeyedStore(Generic[V]):
 
     # -- commit, rollback, expiry --------------------------------------------------------------
 
-    def expire(self, partition: int) -> int:
-        """Delete the partition's values that `codec.expired` at its stream time; how many."""
+    def expire(self, partition: int, lateness: int = 0) -> int:
+        """Delete the partition's values that `codec.expired` at its stream time less `lateness`
+        (ms); how many.
+
+        A record whose event time is up to `lateness` behind the partition's newest then still
+        meets its key's value, whether or not a sweep ran before it: expiry changes nothing a
+        record sees, wherever a restart or a batch boundary puts the sweep.
+        """
         part = self._partitions[partition]
         self._decode_all(partition, part)
         expired = self.codec.expired
-        now = part.stream_time
+        now = part.stream_time - lateness
         gone = [key for key, value in part.values.items() if expired(value, now)]
         for key in gone:
             if key not in part.changed:

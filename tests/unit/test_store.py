@@ -89,6 +89,15 @@ class TestExpiry:
         store.rollback()
         assert store.values(0) == {"old": [1], "new": [150]}
 
+    def test_lateness_keeps_what_a_late_record_may_still_meet(
+        self, store: KeyedStore[list[int]]
+    ) -> None:
+        """Expiry measured from the stream time less the allowed lateness keeps younger keys."""
+        _apply(store, 0, "old", 1, 0)
+        _apply(store, 0, "new", 150, 1)
+        assert store.expire(0, lateness=60) == 0
+        assert store.expire(0, lateness=40) == 1
+
 
 class TestRestore:
     def test_restore_applies_values_and_tombstones(self, store: KeyedStore[list[int]]) -> None:
