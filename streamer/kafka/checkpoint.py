@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamer.errors import DeliveryFailedError, FencedError, KafkaFatalError
 from streamer.headers import CHANGELOG_POSITION
 from streamer.kafka.clients import OutputProducer, commit_positions
 from streamer.kafka.delivery import DeliveryCallback, DeliveryFailure, DeliveryTracker, Source
-from streamer.kafka.transactions import AbortableError, Transactions
+from streamer.kafka.transactions import MEMBERSHIP_CODES, AbortableError, Transactions
 from streamer.state.store import KeyedStore
 
 log = structlog.get_logger(__name__)
@@ -250,7 +250,18 @@ class AtLeastOnce(Checkpoint):
             )
             return False
         positions = self._tracker.positions(partitions)
-        commit_positions(self._consumer, positions)
+        try:
+            commit_positions(self._consumer, positions)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not isinstance(error, KafkaError) or error.code() not in MEMBERSHIP_CODES:
+                raise
+            # The group moved on without this scorer (it stalled past max.poll.interval.ms): the
+            # partitions' new owner reads these records again, from state that leaves them out
+            # (their changelog records cover positions past its committed offsets). The consumer
+            # reports the partitions lost and rejoins.
+            log.warning("commit refused: the group has moved on", error=error.str())
+            return False
         self._commit_stores()
         self._uncommitted = False
         self.committed += 1

@@ -43,7 +43,7 @@ _FENCED_CODES: Final = frozenset(
         KafkaError.TRANSACTION_COORDINATOR_FENCED,
     }
 )
-_MEMBERSHIP_CODES: Final = frozenset(
+MEMBERSHIP_CODES: Final = frozenset(
     {
         KafkaError.ILLEGAL_GENERATION,
         KafkaError.UNKNOWN_MEMBER_ID,
@@ -117,7 +117,7 @@ class Transactions:
                 lambda: self._producer.commit_transaction(CALL_TIMEOUT_SECONDS),
             )
         except AbortableError as exc:
-            if exc.error.code() in _MEMBERSHIP_CODES:
+            if exc.error.code() in MEMBERSHIP_CODES:
                 self.abort(str(exc))
                 raise FencedError(
                     f"the consumer group moved on without this scorer ({exc.error.str()}); "

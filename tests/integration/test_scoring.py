@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import threading
@@ -364,8 +365,14 @@ class TestCommands:
             "--input-topic", f"in-{suffix}", "--output-topic", f"out-{suffix}",
             "--dlq-topic", f"dlq-{suffix}", "--bootstrap-servers", bootstrap_servers,
         ]  # fmt: skip
-        first = subprocess.run(streamer_command(*args), capture_output=True, text=True, timeout=60)
+        env = {**os.environ, "STREAMER_GROUP_ID": f"group-{suffix}"}
+        first = subprocess.run(
+            streamer_command(*args), capture_output=True, text=True, timeout=60, env=env
+        )
         assert first.returncode == 0, first.stderr
-        assert first.stdout.count("created") == 3
-        second = subprocess.run(streamer_command(*args), capture_output=True, text=True, timeout=60)
-        assert second.stdout.count("exists") == 3
+        assert first.stdout.count("created") == 4, "three topics and the state changelog"
+        assert f"group-{suffix}-card-state-changelog: created" in first.stdout
+        second = subprocess.run(
+            streamer_command(*args), capture_output=True, text=True, timeout=60, env=env
+        )
+        assert second.stdout.count("exists") == 4
