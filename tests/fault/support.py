@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -25,7 +25,7 @@ from streamer.kafka.admin import ensure_topics
 from streamer.kafka.clients import OutputProducer
 from streamer.serde import decode_verdict
 from streamer.settings import Settings
-from streamer.synthetic import SyntheticWorld
+from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import ProduceReport, publish
 from tests.conftest import ROOT, Topics
 from tests.integration.support import (
@@ -75,32 +75,68 @@ def record(case: str, mode: str, **values: Any) -> None:
     RESULTS.append({"case": case, "mode": mode, **values})
 
 
-class Feed(threading.Thread):
-    """Produces `count` synthetic events at `rate` events/s in the background."""
+OPEN_ENDED_LIMIT: Final = 4
+"""An open-ended feed sends at most this many times its `count`."""
 
-    def __init__(self, bootstrap: str, topic: str, count: int, rate: float, seed: int) -> None:
+
+class Feed(threading.Thread):
+    """Produces synthetic events at `rate` events/s in the background.
+
+    `count` of them; or, `open_ended`, at least `count` and on at the same rate until `stop()` or
+    `finish()` (at most `OPEN_ENDED_LIMIT` times as many), so that a case whose faults take
+    longer on a slow or busy machine still lands every one while events arrive.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        count: int,
+        rate: float,
+        seed: int,
+        *,
+        open_ended: bool = False,
+    ) -> None:
         super().__init__(daemon=True)
         self._producer = OutputProducer({"bootstrap.servers": bootstrap, "linger.ms": 5})
         self._topic = topic
-        self._events = list(SyntheticWorld(seed).generate(count))
+        self._world = SyntheticWorld(seed)
+        self._limit = count * OPEN_ENDED_LIMIT if open_ended else count
+        self._stopping = threading.Event()
+        if not open_ended:
+            self._stopping.set()
         self._rate = rate
+        self._sent_ids: list[str] = []
         self.count = count
         self.report: ProduceReport | None = None
 
-    @property
-    def transaction_ids(self) -> list[str]:
-        """The ids of every event this feed sends, in order."""
-        return [event.record["transaction_id"] for event in self._events]
+    def _events(self) -> Iterator[LabelledTransaction]:
+        for event in self._world.generate(self._limit):
+            if len(self._sent_ids) >= self.count and self._stopping.is_set():
+                return
+            self._sent_ids.append(event.record["transaction_id"])
+            yield event
 
     def run(self) -> None:
-        self.report = publish(self._producer, self._topic, self._events, rate=self._rate)
+        self.report = publish(self._producer, self._topic, self._events(), rate=self._rate)
+
+    def stop(self) -> None:
+        """An open-ended feed ends once it has sent `count` (at once if it has)."""
+        self._stopping.set()
 
     def finish(self, timeout: float = 300.0) -> ProduceReport:
+        self.stop()
         self.join(timeout)
         assert not self.is_alive(), "the feed did not finish"
         assert self.report is not None
-        assert self.report.acknowledged == self.count, self.report
+        assert self.report.acknowledged == self.report.sent >= self.count, self.report
         return self.report
+
+    @property
+    def transaction_ids(self) -> list[str]:
+        """The ids of every event sent, in order (once finished)."""
+        assert self.report is not None, "the feed has not finished"
+        return self._sent_ids
 
 
 @dataclass
@@ -308,6 +344,7 @@ def audit(env: dict[str, str], mode: str) -> dict[str, Any]:
         timeout=300,
     )
     assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.stdout.strip(), f"audit printed no report:\n{result.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(result.stdout)
     report["returncode"] = result.returncode
     return report

@@ -18,6 +18,8 @@ from typing import Final
 
 import pytest
 
+from streamer.kafka.transactions import CALL_TIMEOUT_SECONDS
+from streamer.kafka.watchdog import STALL_GRACE_SECONDS
 from tests.conftest import Topics
 from tests.fault.support import (
     EXACTLY_ONCE,
@@ -109,9 +111,10 @@ def test_kill_9_scorer_repeatedly(
 ) -> None:
     """kill -9 a working scorer again and again: every event scored once or more, same scores."""
     kills = scaled(4, 10)
+    # At least this many events; the feed runs on until the last kill has landed (a restart
+    # takes 5-8 s on 2 idle cores, most of it imports, and longer on a busy machine).
     count = scaled(30_000, 120_000)
-    # Paced so the kills fit in the feed: a restart takes 5-8 s here, most of it imports.
-    rate = scaled(700, 1_200)
+    rate = scaled(1_000, 1_500)
     # A stable instance id: the restarted process fences its predecessor's open transaction
     # at once (exactly-once), as a supervisor restarting "the same" scorer would; a stable
     # group.instance.id gives it the partitions at once too.
@@ -124,7 +127,7 @@ def test_kill_9_scorer_repeatedly(
         STREAMER_PROGRESS_INTERVAL=PROGRESS_INTERVAL,
     )
     slot_env = {**env, **static_member("crashy")}
-    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1001)
+    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1001, open_ended=True)
     rng = random.Random(7)
     feed.start()
     scorer = Scorer(slot_env, tmp_path / "scorer-0.log").start()
@@ -155,7 +158,7 @@ def test_kill_9_scorer_repeatedly(
         faults=[hit.as_dict() for hit in hits],
     )
     assert_every_hit(hits)
-    assert report["inputs"] == count
+    assert report["inputs"] == len(feed.transaction_ids)
     check(report, mode)
     check_content(outcomes, feed.transaction_ids, mode, max_repeats=bound)
     scored_like_uninterrupted(bootstrap_servers, topics, env, outcomes, feed, mode, tmp_path)
@@ -168,7 +171,7 @@ def test_sigterm_repeatedly(
     """Five clean stops of a working scorer mid-stream: no repeats even at-least-once."""
     stops = 5
     count = scaled(25_000, 100_000)
-    rate = scaled(450, 1_200)
+    rate = scaled(700, 1_500)
     env = fault_env(
         bootstrap_servers,
         topics,
@@ -177,7 +180,7 @@ def test_sigterm_repeatedly(
         STREAMER_INSTANCE_ID="stopper",
         STREAMER_PROGRESS_INTERVAL=PROGRESS_INTERVAL,
     )
-    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1002)
+    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1002, open_ended=True)
     rng = random.Random(8)
     feed.start()
     scorer = Scorer(env, tmp_path / "scorer-0.log").start()
@@ -206,7 +209,7 @@ def test_sigterm_repeatedly(
         faults=[hit.as_dict() for hit in hits],
     )
     assert_every_hit(hits)
-    assert report["inputs"] == count
+    assert report["inputs"] == len(feed.transaction_ids)
     check(report, mode)
     assert report["duplicates"] == 0, "a clean stop commits everything it produced"
     check_content(outcomes, feed.transaction_ids, mode, max_repeats=0)
@@ -218,8 +221,10 @@ def test_zombie_scorer_is_fenced(
 ) -> None:
     """SIGSTOP a working scorer past max.poll.interval.ms, let another take over, then SIGCONT it.
 
-    Exactly-once: the zombie stops with a fenced error and nothing it wrote is visible.
-    At-least-once: it rejoins; repeats are allowed, losses are not.
+    Exactly-once: the zombie stops with a fenced error and nothing it wrote is visible; or, if
+    it froze inside a transactional call and stayed frozen past the watchdog's limit, the
+    watchdog ends it on waking (exit 1 all the same). At-least-once: it rejoins; repeats are
+    allowed, losses are not.
     """
     count = scaled(24_000, 60_000)
     rate = 1_500
@@ -235,23 +240,28 @@ def test_zombie_scorer_is_fenced(
     heir_env = fault_env(
         bootstrap_servers, topics, model_path, mode, STREAMER_INSTANCE_ID="heir", **timeouts
     )
-    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1003)
+    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1003, open_ended=True)
     feed.start()
     zombie = Scorer(zombie_env, tmp_path / "zombie.log").start()
     zombie.wait_until_working()
     hit = strike(zombie, signal.SIGSTOP, feed, bootstrap_servers, topics)
+    frozen_since = time.monotonic()
+    feed.stop()
     frozen_at = committed_total(bootstrap_servers, topics)
     heir = Scorer(heir_env, tmp_path / "heir.log").start()
     # The group has moved on once the heir commits past where the zombie froze; then wait
     # past max.poll.interval.ms so the zombie wakes up as a member the group has dropped.
+    # Exactly-once, if the zombie froze between sending its offsets and committing, the heir
+    # reads no committed offsets until that transaction times out (transaction.timeout.ms).
     wait_until(lambda: committed_total(bootstrap_servers, topics) > frozen_at + 2_000, 120, "heir")
     time.sleep(8)
     zombie.signal(signal.SIGCONT)
+    frozen_s = time.monotonic() - frozen_since
+    ending = "rejoined"
     if mode == EXACTLY_ONCE:
         status = zombie.wait(60)
         assert status == 1, zombie.log()[-3000:]
-        assert "moved on without this scorer" in zombie.log()
-        assert "FencedError" in zombie.log()
+        ending = zombie_ending(zombie.log(), frozen_s)
     feed.finish()
     heir.wait_for_log('"partitions assigned"')
     heir.signal(signal.SIGTERM)
@@ -269,14 +279,33 @@ def test_zombie_scorer_is_fenced(
         missing=report["missing"],
         duplicates=report["duplicates"],
         zombie_exit=zombie.wait(1),
+        zombie_ending=ending,
+        frozen_s=round(frozen_s, 1),
         faults=[hit.as_dict()],
     )
     assert_every_hit([hit])
-    assert report["inputs"] == count
+    assert report["inputs"] == len(feed.transaction_ids)
     check(report, mode)
     # At-least-once repeats are not bounded here: the zombie wakes with records it fetched
     # before it froze and may score them before it learns the group has dropped it.
-    check_content(outcomes, feed.transaction_ids, mode, max_repeats=count)
+    check_content(outcomes, feed.transaction_ids, mode, max_repeats=len(feed.transaction_ids))
+
+
+def zombie_ending(log: str, frozen_s: float) -> str:
+    """How an exactly-once zombie ended: "fenced", or "stalled" by its watchdog.
+
+    The watchdog counts the time a process is frozen: a zombie frozen inside a transactional
+    call for longer than the call's timeout and the watchdog's grace is ended by the watchdog
+    on waking, before it can learn it was fenced.
+    """
+    if "moved on without this scorer" in log:
+        assert "FencedError" in log, log[-3000:]
+        return "fenced"
+    assert "StalledError" in log, log[-3000:]
+    assert frozen_s > CALL_TIMEOUT_SECONDS + STALL_GRACE_SECONDS, (
+        f"the watchdog ended the zombie though it was frozen only {frozen_s:.0f} s"
+    )
+    return "stalled"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -294,10 +323,16 @@ def test_group_of_three_loses_one_and_gains_one(
         partitions=6,
         replication_factor=1,
     )
+    # At least this many; the feed runs on until the added member has produced.
     count = scaled(30_000, 100_000)
-    # Paced so the feed outlasts three starts, a session timeout and a fourth start.
-    rate = scaled(750, 2_000)
+    rate = scaled(1_000, 2_000)
     # FAST_GROUP: the killed member is out of the group 6 s after its last heartbeat, not 45 s.
+    # Exactly-once, nothing fences the open transaction of the member killed for good: the
+    # coordinator aborts it after transaction.timeout.ms, and until then read_committed readers
+    # (audit, the reference run) wait at it. 15 s rather than a minute.
+    timing = {**FAST_GROUP, "STREAMER_PROGRESS_INTERVAL": PROGRESS_INTERVAL}
+    if mode == EXACTLY_ONCE:
+        timing["STREAMER_KAFKA_TRANSACTION_TIMEOUT_MS"] = "15000"
     envs = [
         fault_env(
             bootstrap_servers,
@@ -305,12 +340,11 @@ def test_group_of_three_loses_one_and_gains_one(
             model_path,
             mode,
             STREAMER_INSTANCE_ID=f"member-{i}",
-            STREAMER_PROGRESS_INTERVAL=PROGRESS_INTERVAL,
-            **FAST_GROUP,
+            **timing,
         )
         for i in range(4)
     ]
-    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1004)
+    feed = Feed(bootstrap_servers, topics.input, count, rate, seed=1004, open_ended=True)
     rng = random.Random(9)
     feed.start()
     scorers = [Scorer(envs[i], tmp_path / f"member-{i}.log").start() for i in range(3)]
@@ -354,7 +388,7 @@ def test_group_of_three_loses_one_and_gains_one(
         f"the added member held {len(added.partitions)} partitions and had produced "
         f"{added.outputs} outputs only after the feed had ended"
     )
-    assert report["inputs"] == count
+    assert report["inputs"] == len(feed.transaction_ids)
     check(report, mode)
     check_content(outcomes, feed.transaction_ids, mode, max_repeats=repeat_bound(hit))
     scored_like_uninterrupted(bootstrap_servers, topics, envs[0], outcomes, feed, mode, tmp_path)
