@@ -20,8 +20,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section(f"fault suite results ({'full' if FULL else 'short'} form)")
     for result in RESULTS:
         values = {k: v for k, v in result.items() if k not in ("case", "mode")}
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        # Lists of records (one per fault, say) get a line each, under their case.
+        rows = {k: v for k, v in values.items() if isinstance(v, list)}
+        shown = ", ".join(f"{k}={v}" for k, v in values.items() if k not in rows)
         terminalreporter.write_line(f"{result['case']:<34} {result['mode']:<14} {shown}")
+        for name, items in rows.items():
+            for item in items:
+                fields = item.items() if isinstance(item, dict) else [("", item)]
+                line = ", ".join(f"{k}={v}" if k else str(v) for k, v in fields)
+                terminalreporter.write_line(f"{'':<4}{name}: {line}")
     target = os.environ.get("STREAMER_FAULT_RESULTS")
     if target:
         path = Path(target)

@@ -1,64 +1,142 @@
-"""Fault-suite helpers: a paced feed, scorer processes to kill, and `streamer audit` verdicts.
+"""Fault-suite helpers: a paced feed, scorer processes to kill, and the checks of every case.
 
 Every case reconciles with `streamer audit --json`, the same command users run, and records its
-counts with `record` so the suite can print one table per run (see conftest.py).
+counts with `record` so the suite can print one table per run (see conftest.py). The crash cases
+also read the verdicts back and judge them by content (`Outcomes`): joined to the fed events by
+transaction id, and scored as an uninterrupted scorer scores the same input (`reference_run`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from streamer.kafka.admin import ensure_topics
 from streamer.kafka.clients import OutputProducer
-from streamer.synthetic import SyntheticWorld
+from streamer.serde import decode_verdict
+from streamer.settings import Settings
+from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import ProduceReport, publish
 from tests.conftest import ROOT, Topics
-from tests.integration.support import committed_offsets, end_offsets, scorer_env, streamer_command
+from tests.integration.support import (
+    committed_offsets,
+    end_offsets,
+    read_all,
+    scorer_env,
+    streamer_command,
+)
 
 FULL: Final = os.environ.get("STREAMER_FAULT_SCALE", "short") == "full"
 """`scripts/fault` runs the long form (STREAMER_FAULT_SCALE=full); the test suite the short one."""
 
-MODES: Final = ("at-least-once", "exactly-once")
+EXACTLY_ONCE: Final = "exactly-once"
+MODES: Final = ("at-least-once", EXACTLY_ONCE)
 RESULTS: list[dict[str, Any]] = []
 """What each case measured, printed as a table at the end of the session."""
+
+FAST_GROUP: Final = {
+    "STREAMER_KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "STREAMER_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+}
+"""Group timing for scorers that come and go: a dead member is out of the group 6 s after its
+last heartbeat (the broker's smallest allowed session) rather than 45 s, so its partitions move
+on while the feed still runs."""
+
+WORKING_LIMIT: Final = 90.0
+"""A started scorer loads its model, joins its group and produces within this long (seconds)."""
 
 
 def scaled(short: int, full: int) -> int:
     return full if FULL else short
 
 
+def static_member(slot: str) -> dict[str, str]:
+    """Static group membership (KIP-345) for one process slot, with `FAST_GROUP` timing.
+
+    A restarted process with the same `group.instance.id` takes its predecessor's place and
+    partitions at once, with no rebalance and no wait for the dead member's session to expire,
+    as a supervisor restarting "the same" scorer would. Only for slots that are restarted: a
+    static member that is stopped and not replaced holds its partitions until its session ends.
+    """
+    return {**FAST_GROUP, "STREAMER_KAFKA_GROUP_INSTANCE_ID": slot}
+
+
 def record(case: str, mode: str, **values: Any) -> None:
     RESULTS.append({"case": case, "mode": mode, **values})
 
 
-class Feed(threading.Thread):
-    """Produces `count` synthetic events at `rate` events/s in the background."""
+OPEN_ENDED_LIMIT: Final = 4
+"""An open-ended feed sends at most this many times its `count`."""
 
-    def __init__(self, bootstrap: str, topic: str, count: int, rate: float, seed: int) -> None:
+
+class Feed(threading.Thread):
+    """Produces synthetic events at `rate` events/s in the background.
+
+    `count` of them; or, `open_ended`, at least `count` and on at the same rate until `stop()` or
+    `finish()` (at most `OPEN_ENDED_LIMIT` times as many), so that a case whose faults take
+    longer on a slow or busy machine still lands every one while events arrive.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        count: int,
+        rate: float,
+        seed: int,
+        *,
+        open_ended: bool = False,
+    ) -> None:
         super().__init__(daemon=True)
         self._producer = OutputProducer({"bootstrap.servers": bootstrap, "linger.ms": 5})
         self._topic = topic
-        self._events = SyntheticWorld(seed).generate(count)
+        self._world = SyntheticWorld(seed)
+        self._limit = count * OPEN_ENDED_LIMIT if open_ended else count
+        self._stopping = threading.Event()
+        if not open_ended:
+            self._stopping.set()
         self._rate = rate
+        self._sent_ids: list[str] = []
         self.count = count
         self.report: ProduceReport | None = None
 
+    def _events(self) -> Iterator[LabelledTransaction]:
+        for event in self._world.generate(self._limit):
+            if len(self._sent_ids) >= self.count and self._stopping.is_set():
+                return
+            self._sent_ids.append(event.record["transaction_id"])
+            yield event
+
     def run(self) -> None:
-        self.report = publish(self._producer, self._topic, self._events, rate=self._rate)
+        self.report = publish(self._producer, self._topic, self._events(), rate=self._rate)
+
+    def stop(self) -> None:
+        """An open-ended feed ends once it has sent `count` (at once if it has)."""
+        self._stopping.set()
 
     def finish(self, timeout: float = 300.0) -> ProduceReport:
+        self.stop()
         self.join(timeout)
         assert not self.is_alive(), "the feed did not finish"
         assert self.report is not None
-        assert self.report.acknowledged == self.count, self.report
+        assert self.report.acknowledged == self.report.sent >= self.count, self.report
         return self.report
+
+    @property
+    def transaction_ids(self) -> list[str]:
+        """The ids of every event sent, in order (once finished)."""
+        assert self.report is not None, "the feed has not finished"
+        return self._sent_ids
 
 
 @dataclass
@@ -69,8 +147,18 @@ class Scorer:
     log_path: Path
     args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    started_at: float = field(default=0.0, init=False)
+    """`time.monotonic()` at the latest start."""
+    _log_start: int = field(default=0, init=False)
+    """Where the latest start's lines begin in the log (a log file can be appended to)."""
+
+    @property
+    def name(self) -> str:
+        return self.log_path.stem
 
     def start(self) -> Scorer:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 streamer_command("run", *self.args),
@@ -111,18 +199,138 @@ class Scorer:
         wait_until(lambda: text in self.log() or not self.alive(), timeout, f"log line {text!r}")
         assert self.alive(), self.log()[-3000:]
 
+    def activity(self) -> Activity:
+        """What the log says this process has done since its latest start."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            lines = log.read().splitlines()
+        return Activity.from_log(lines, time.monotonic() - self.started_at)
+
+    def wait_until_working(self, timeout: float = WORKING_LIMIT) -> Activity:
+        """Wait until this process holds partitions and has produced since its latest start."""
+        wait_until(
+            lambda: self.activity().working or not self.alive(),
+            timeout,
+            f"{self.name} holding partitions and producing",
+        )
+        assert self.alive(), self.log()[-3000:]
+        return self.activity()
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A scorer's own account, from its JSON log lines since its latest start.
+
+    `partitions`: held now (its latest "partitions assigned" line, unless a revoke or loss came
+    after it). `outputs`: verdicts and dead letters produced, from its progress lines (every
+    `STREAMER_PROGRESS_INTERVAL`). Both come from the process itself, so they say what that one
+    member did even when several share the group; committed offsets belong to the whole group.
+    """
+
+    partitions: tuple[str, ...]
+    outputs: int
+    uptime: float
+
+    @classmethod
+    def from_log(cls, lines: Sequence[bytes], uptime: float) -> Activity:
+        """Read one process's log lines; lines that are not whole JSON objects are skipped."""
+        held: tuple[str, ...] = ()
+        outputs = 0
+        for line in lines:
+            if not line.startswith(b"{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line still being written
+                continue
+            event = entry.get("event")
+            if event == "partitions assigned":
+                held = tuple(entry["partitions"])
+            elif event in ("partitions revoked", "partitions lost"):
+                held = ()
+            elif event == "progress":
+                # Counters since the process started; exactly-once puts them back to the last
+                # commit on an abort, so the highest one seen is what it has produced.
+                outputs = max(outputs, entry["verdicts"] + entry["dead_letters"])
+        return cls(held, outputs, uptime)
+
+    @property
+    def working(self) -> bool:
+        return bool(self.partitions) and self.outputs > 0
+
+    def partition_numbers(self) -> list[int]:
+        numbers = []
+        for name in self.partitions:
+            matched = re.fullmatch(r".*\[(\d+)\]", name)
+            assert matched, f"not a partition name: {name!r}"
+            numbers.append(int(matched.group(1)))
+        return numbers
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One fault delivered to a scorer, and what the scorer was doing when it landed."""
+
+    fault: str
+    victim: str
+    activity: Activity
+    feed_running: bool
+    uncommitted: int | None = None
+    """kill -9 only: input records of the victim's partitions past the group's committed offsets
+    once it is gone, the most that redoing its work can repeat."""
+
+    @property
+    def hit(self) -> bool:
+        """It landed on working code: partitions held, output produced, events still arriving."""
+        return self.activity.working and self.feed_running
+
+    def as_dict(self) -> dict[str, Any]:
+        shown: dict[str, Any] = {
+            "fault": self.fault,
+            "victim": self.victim,
+            "hit": self.hit,
+            "partitions": len(self.activity.partitions),
+            "outputs": self.activity.outputs,
+            "uptime_s": round(self.activity.uptime, 1),
+            "feed_running": self.feed_running,
+        }
+        if self.uncommitted is not None:
+            shown["uncommitted"] = self.uncommitted
+        return shown
+
+
+def strike(
+    scorer: Scorer, signum: signal.Signals, feed: Feed, bootstrap: str, topics: Topics
+) -> Hit:
+    """Send `signum` to `scorer` and say what it hit; SIGKILL also reaps it and measures what
+    it left uncommitted (it cannot commit any more once it is gone)."""
+    activity = scorer.activity()
+    feed_running = feed.is_alive()
+    if signum != signal.SIGKILL:
+        scorer.signal(signum)
+        return Hit(signum.name, scorer.name, activity, feed_running)
+    scorer.kill()
+    committed = committed_offsets(bootstrap, topics)
+    ends = end_offsets(bootstrap, topics.input)
+    uncommitted = sum(
+        ends[p] - max(committed.get(p, 0), 0) for p in activity.partition_numbers() if p in ends
+    )
+    return Hit(signum.name, scorer.name, activity, feed_running, uncommitted)
+
+
+def assert_every_hit(hits: Sequence[Hit]) -> None:
+    missed = [h.as_dict() for h in hits if not h.hit]
+    assert not missed, (
+        f"{len(missed)} of {len(hits)} faults did not land on a working scorer (one holding "
+        f"partitions and producing while events still arrived): {missed}"
+    )
+
 
 def fault_env(
     bootstrap: str, topics: Topics, model_path: Path, mode: str, **extra: str
 ) -> dict[str, str]:
-    return scorer_env(
-        bootstrap,
-        topics,
-        model_path,
-        STREAMER_PROCESSING_GUARANTEE=mode,
-        STREAMER_PROGRESS_INTERVAL="2",
-        **extra,
-    )
+    settings = {"STREAMER_PROCESSING_GUARANTEE": mode, "STREAMER_PROGRESS_INTERVAL": "2", **extra}
+    return scorer_env(bootstrap, topics, model_path, **settings)
 
 
 def audit(env: dict[str, str], mode: str) -> dict[str, Any]:
@@ -136,6 +344,7 @@ def audit(env: dict[str, str], mode: str) -> dict[str, Any]:
         timeout=300,
     )
     assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.stdout.strip(), f"audit printed no report:\n{result.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(result.stdout)
     report["returncode"] = result.returncode
     return report
@@ -159,3 +368,149 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.25
 
 def committed_total(bootstrap: str, topics: Topics) -> int:
     return sum(max(offset, 0) for offset in committed_offsets(bootstrap, topics).values())
+
+
+# -- judging by content ---------------------------------------------------------------------------
+
+_DEFAULTS: Final = Settings.model_construct()
+"""The scorer's defaults (no environment read): the fault cases do not change these two."""
+COMMIT_INTERVAL_SECONDS: Final = _DEFAULTS.consumer_config()["auto.commit.interval.ms"] / 1000
+"""At-least-once: librdkafka commits the stored offsets this often."""
+BATCH_SIZE: Final = _DEFAULTS.batch_size
+PEAK_EVENTS_PER_SECOND: Final = 30_000
+"""Faster than a scorer runs on the 2-core machine the suite is sized for (about 28,000 events/s
+alone, README "Performance"); with the feed and the broker beside it, it runs slower."""
+
+
+def repeat_bound(hit: Hit) -> int:
+    """The most verdicts an at-least-once kill -9 can repeat.
+
+    What the victim produced past its last commit: at most one commit interval of acknowledged
+    outputs at the fastest it can score, plus a batch per partition it held awaiting
+    acknowledgement. Never more than the records past the committed offsets once it was gone
+    (it cannot have scored records that were not there yet): the tighter bound whenever the
+    scorer kept up with the feed.
+    """
+    assert hit.uncommitted is not None, "measured for kill -9 only"
+    in_flight = BATCH_SIZE * len(hit.activity.partitions)
+    a_priori = in_flight + int(COMMIT_INTERVAL_SECONDS * PEAK_EVENTS_PER_SECOND)
+    return min(hit.uncommitted, a_priori)
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """What came out of the stream: (transaction id, score) per verdict, and the dead letters."""
+
+    verdicts: list[tuple[str, float]]
+    dead_letters: int
+
+    @property
+    def scores(self) -> dict[str, set[float]]:
+        """Every score given to each transaction id."""
+        by_id: dict[str, set[float]] = {}
+        for transaction_id, score in self.verdicts:
+            by_id.setdefault(transaction_id, set()).add(score)
+        return by_id
+
+
+def read_outcomes(bootstrap: str, output_topic: str, dlq_topic: str) -> Outcomes:
+    """Every committed verdict and dead letter (read_committed), verdicts decoded."""
+    verdicts = []
+    for message in read_all(bootstrap, output_topic, timeout=120):
+        assert message.value is not None, message
+        verdict = decode_verdict(message.value)
+        verdicts.append((verdict["transaction_id"], verdict["score"]))
+    return Outcomes(verdicts, len(read_all(bootstrap, dlq_topic, timeout=120)))
+
+
+def check_content(
+    outcomes: Outcomes, fed: Sequence[str], mode: str, max_repeats: int
+) -> dict[str, int]:
+    """Join the verdicts to the fed events by transaction id; return the counts.
+
+    Every fed event is valid, so: no dead letters; a verdict for every fed transaction and for
+    nothing else; exactly-once, exactly one each; at-least-once, at most `max_repeats` extra.
+    """
+    counts = Counter(transaction_id for transaction_id, _ in outcomes.verdicts)
+    fed_ids = set(fed)
+    assert len(fed_ids) == len(fed), "the feed sent a transaction id twice"
+    missing = fed_ids - counts.keys()
+    unknown = counts.keys() - fed_ids
+    repeats = len(outcomes.verdicts) - len(counts)
+    assert not missing, f"{len(missing)} fed transactions have no verdict: {sorted(missing)[:3]}"
+    assert not unknown, f"{len(unknown)} verdicts name no fed transaction: {sorted(unknown)[:3]}"
+    assert outcomes.dead_letters == 0, f"{outcomes.dead_letters} dead letters, all input was valid"
+    if mode == EXACTLY_ONCE:
+        repeated = [tid for tid, n in counts.items() if n > 1]
+        assert not repeated, f"{len(repeated)} transactions have several verdicts: {repeated[:3]}"
+    else:
+        assert repeats <= max_repeats, (
+            f"{repeats} repeated verdicts, more than the {max_repeats} the kills can explain "
+            "(per kill: what was past the committed offsets, at most one commit interval at full "
+            "speed plus a batch per partition; see repeat_bound)"
+        )
+    return {"verdicts": len(outcomes.verdicts), "repeated": repeats}
+
+
+def reference_run(
+    bootstrap: str, topics: Topics, env: dict[str, str], folder: Path, until_idle: float = 3.0
+) -> Outcomes:
+    """Score the same input topic again with one fresh scorer, uninterrupted; its outcomes.
+
+    Fresh group (so fresh offsets, and fresh per-card state once the scorer keeps some: its
+    changelog is named after the group), fresh output and dead-letter topics, same guarantee and
+    model; nothing of the fault case's own group, instance ids or membership.
+    """
+    reference = Topics(
+        input=topics.input,
+        output=f"{topics.output}-reference",
+        dlq=f"{topics.dlq}-reference",
+        group=f"{topics.group}-reference",
+    )
+    ensure_topics({"bootstrap.servers": bootstrap}, [reference.output, reference.dlq], partitions=3)
+    reference_env = {
+        name: value
+        for name, value in env.items()
+        if name not in ("STREAMER_INSTANCE_ID", "STREAMER_KAFKA_GROUP_INSTANCE_ID")
+    }
+    reference_env.update(
+        {
+            "STREAMER_OUTPUT_TOPIC": reference.output,
+            "STREAMER_DLQ_TOPIC": reference.dlq,
+            "STREAMER_GROUP_ID": reference.group,
+        }
+    )
+    scorer = Scorer(reference_env, folder / "reference.log", ("--until-idle", str(until_idle)))
+    assert scorer.start().wait(300) == 0, scorer.log()[-3000:]
+    assert caught_up(bootstrap, reference), "the reference scorer stopped before the end"
+    log = scorer.log()
+    assert log.count('"partitions assigned"') == 1, "the reference run was rebalanced"
+    return read_outcomes(bootstrap, reference.output, reference.dlq)
+
+
+def check_same_scores(outcomes: Outcomes, reference: Outcomes, mode: str) -> int:
+    """Every verdict carries the score the uninterrupted reference gave its transaction.
+
+    Exactly-once: the two sets of (transaction id, score) are identical. At-least-once: every
+    verdict, repeats included, has the reference's score. Returns the verdicts compared.
+    """
+    expected: dict[str, float] = {}
+    for transaction_id, scores in reference.scores.items():
+        assert len(scores) == 1, f"the reference scored {transaction_id} as {sorted(scores)}"
+        expected[transaction_id] = next(iter(scores))
+    if mode == EXACTLY_ONCE:
+        differ = set(outcomes.verdicts) ^ set(reference.verdicts)
+        assert not differ, (
+            f"{len(differ)} (transaction id, score) pairs are in one run only, "
+            f"e.g. {sorted(differ)[:4]}"
+        )
+    differ_list = [
+        (tid, score, expected.get(tid))
+        for tid, score in outcomes.verdicts
+        if expected.get(tid) != score
+    ]
+    assert not differ_list, (
+        f"{len(differ_list)} of {len(outcomes.verdicts)} verdicts differ from the uninterrupted "
+        f"run's score (transaction id, score, reference): {differ_list[:4]}"
+    )
+    return len(outcomes.verdicts)
