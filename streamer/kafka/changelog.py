@@ -78,8 +78,7 @@ def ensure_changelog(
         raise ConfigError(
             f"changelog topic {topic!r} has {existing} partitions but input topic "
             f"{input_topic!r} has {partitions}: state partitions must match input partitions; "
-            "delete the changelog (its state is rebuilt only from the input) or use a new "
-            "STREAMER_GROUP_ID"
+            "delete the changelog (card histories then start empty) or use a new STREAMER_GROUP_ID"
         )
     return False
 

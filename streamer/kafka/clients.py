@@ -8,6 +8,7 @@ never raise) and raised on the main thread by `raise_if_fatal`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -158,3 +159,37 @@ def commit_positions(consumer: Consumer, positions: Sequence[tuple[str, int, int
         if isinstance(error, KafkaError) and error.code() == KafkaError._NO_OFFSET:
             return
         raise
+
+
+def watermarks(consumer: Consumer, topic: str, partition: int, timeout: float) -> tuple[int, int]:
+    """(low, high) watermark offsets of one partition, retrying while its leader is not ready.
+
+    A topic created moments ago (or a partition whose leader is moving) answers
+    NOT_LEADER_FOR_PARTITION or LEADER_NOT_AVAILABLE for a while; that is worth waiting out, up
+    to `timeout` seconds in all, rather than failing the command.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=max(deadline - time.monotonic(), 1.0)
+            )
+            return low, high
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if (
+                not isinstance(error, KafkaError)
+                or (not error.retriable() and error.code() not in _LEADER_NOT_READY)
+            ) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+_LEADER_NOT_READY = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+"""Answers of a partition whose leader is not serving yet."""

@@ -31,7 +31,13 @@ from confluent_kafka import TopicPartition
 from streamer.errors import DecodeError, StreamerError
 from streamer.headers import ERROR_STAGE, header_map
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.clients import ClientErrors, OutputProducer, create_consumer, poll_batch
+from streamer.kafka.clients import (
+    ClientErrors,
+    OutputProducer,
+    create_consumer,
+    poll_batch,
+    watermarks,
+)
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
@@ -74,9 +80,7 @@ class OutputReader(threading.Thread):
         for topic in (settings.output_topic, settings.dlq_topic):
             metadata = self._consumer.list_topics(topic, timeout=30)
             for partition in metadata.topics[topic].partitions:
-                _, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=30
-                )
+                _, high = watermarks(self._consumer, topic, partition, timeout=30)
                 assignment.append(TopicPartition(topic, partition, high))
         self._consumer.assign(assignment)
 

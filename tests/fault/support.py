@@ -374,8 +374,8 @@ def committed_total(bootstrap: str, topics: Topics) -> int:
 
 _DEFAULTS: Final = Settings.model_construct()
 """The scorer's defaults (no environment read): the fault cases do not change these two."""
-COMMIT_INTERVAL_SECONDS: Final = _DEFAULTS.consumer_config()["auto.commit.interval.ms"] / 1000
-"""At-least-once: librdkafka commits the stored offsets this often."""
+COMMIT_INTERVAL_SECONDS: Final = _DEFAULTS.commit_interval
+"""At-least-once: the checkpoint commits offsets this often."""
 BATCH_SIZE: Final = _DEFAULTS.batch_size
 PEAK_EVENTS_PER_SECOND: Final = 30_000
 """Faster than a scorer runs on the 2-core machine the suite is sized for (about 28,000 events/s
