@@ -11,25 +11,41 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from confluent_kafka import Consumer
 
-from streamer.app import ScoringApp
-from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
+from streamer.state.card import CARD_HISTORY_CODEC, RETENTION_MS
 from streamer.synthetic import SyntheticWorld
 from streamer.tools.bench import QUICK, BenchError, BenchOptions
 from streamer.tools.bench.__main__ import build_parser, options_from, parse_rates
-from streamer.tools.bench.breakdown import STAGES, InputRecord, StageTimes, time_hot_loop
-from streamer.tools.bench.harness import median_run
+from streamer.tools.bench.breakdown import (
+    STAGES,
+    InputRecord,
+    StageTimes,
+    card_histories,
+    held_state_bytes,
+    time_hot_loop,
+)
+from streamer.tools.bench.harness import (
+    STATE_EVENTS_PER_DAY,
+    median_restore,
+    median_run,
+    new_card_events,
+)
 from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
+    MB,
     PASSTHROUGH,
     SCORER,
+    HeldState,
     Latency,
     Report,
+    Restore,
     StageCost,
+    StateMemory,
+    Target,
     Throughput,
     evaluate_targets,
     format_table,
@@ -39,7 +55,7 @@ from streamer.tools.bench.report import (
     report_to_json,
     stage_costs,
 )
-from tests.unit.fakes import Produced, RecordingProducer
+from tests.unit.fakes import Produced, RecordingProducer, app_on_fakes
 
 
 def latency(processor: str, rate: float, p99: float, *, missing: int = 0) -> Latency:
@@ -63,6 +79,8 @@ def make_report(
     limit_p99: float = 9.0,
     rss: float = 180.0,
     exactly_once: bool = True,
+    stateless: float = 75_000.0,
+    restore_rate: float = 250_000.0,
 ) -> Report:
     """A report of a run that took 10 s per throughput run and measured every target."""
     report = Report(
@@ -80,6 +98,9 @@ def make_report(
         if exactly_once
         else Throughput(SCORER, "exactly-once", 1, available=False, note="refused"),
         Throughput(SCORER, "at-least-once", 2, int(two * 10), 10.0, rss - 20, 20.0),
+        Throughput(
+            SCORER, "at-least-once", 1, int(stateless * 10), 10.0, rss - 30, 11.0, card_state=False
+        ),
     ]
     report.latency = [
         latency(PASSTHROUGH, 5_000.0, limit_p99),
@@ -89,8 +110,35 @@ def make_report(
         {"decode": 0.5, "predict": 1.5}, {"decode": 0.4, "predict": 1.2}, 100_000
     )
     report.breakdown_records = 100_000
+    report.breakdown_cards = 16_000
+    report.breakdown_with_history = 0.9
+    report.breakdown_history_days = 7.0
+    report.restore = Restore("500,000-event drain", 90_000, 90_000, 16_000, 90_000 / restore_rate)
+    report.state_memory = StateMemory(
+        1_000_000,
+        Throughput(SCORER, "at-least-once", 1, 1_000_000, 20.0, 1_200.0, 30.0),
+        Throughput(SCORER, "at-least-once", 1, 1_000_000, 16.0, 200.0, 25.0, card_state=False),
+        Restore("1,000,000 new cards", 1_000_000, 1_000_000, 1_000_000, 5.0, 1_300.0),
+    )
+    report.held_state = [HeldState("one transaction per card", 10_000, 10_000, 10_000 * 1_000)]
     report.targets = evaluate_targets(report)
     return report
+
+
+TARGET_NAMES = [
+    "scorer throughput (at-least-once)",
+    "p99 latency at 5,000/s",
+    "scorer peak RSS",
+    "scale-out, 2 processes",
+    "stateful / stateless throughput",
+    "state restore rate",
+    "stateful scorer p99 at 5,000/s",
+]
+
+
+def target(report: Report, name: str) -> Target:
+    [found] = [t for t in report.targets if t.name == name]
+    return found
 
 
 def statuses(report: Report) -> list[str]:
@@ -142,13 +190,8 @@ class TestStageCosts:
 class TestEvaluateTargets:
     def test_all_pass(self) -> None:
         report = make_report()
-        assert [t.name for t in report.targets] == [
-            "scorer throughput (at-least-once)",
-            "p99 latency at 5,000/s",
-            "scorer peak RSS",
-            "scale-out, 2 processes",
-        ]
-        assert statuses(report) == ["pass"] * 4
+        assert [t.name for t in report.targets] == TARGET_NAMES
+        assert statuses(report) == ["pass"] * len(TARGET_NAMES)
 
     def test_throughput_ratio_below_half_fails(self) -> None:
         report = make_report(limit=100_000.0, one=40_000.0, two=80_000.0)
@@ -189,17 +232,89 @@ class TestEvaluateTargets:
         assert report.targets[3].measured == "1.50 x"
 
     def test_exactly_once_not_available_leaves_targets_alone(self) -> None:
-        assert statuses(make_report(exactly_once=False)) == ["pass"] * 4
+        assert statuses(make_report(exactly_once=False)) == ["pass"] * len(TARGET_NAMES)
 
     def test_nothing_measured(self) -> None:
         report = make_report()
-        report.throughput, report.latency = [], []
-        assert [t.status for t in evaluate_targets(report)] == ["n/a"] * 4
+        report.throughput, report.latency, report.restore = [], [], None
+        assert [t.status for t in evaluate_targets(report)] == ["n/a"] * len(TARGET_NAMES)
+
+    def test_scorer_targets_judge_the_stateful_scorer(self) -> None:
+        """The stateless baseline is never taken for the scorer users run, wherever it is listed."""
+        report = make_report(one=60_000.0, two=120_000.0, stateless=90_000.0)
+        report.throughput.insert(1, report.throughput.pop())
+        report.targets = evaluate_targets(report)
+        assert target(report, "scorer throughput (at-least-once)").measured == "0.60 x"
+        assert target(report, "scale-out, 2 processes").measured == "2.00 x"
+
+    def test_stateful_below_0_7_of_stateless_fails(self) -> None:
+        report = make_report(one=60_000.0, stateless=100_000.0)
+        shown = target(report, "stateful / stateless throughput")
+        assert shown.status == "FAIL"
+        assert shown.measured == "0.60 x"
+        assert shown.goal == ">= 0.70 x stateless"
+
+    def test_stateful_at_0_7_of_stateless_passes(self) -> None:
+        report = make_report(one=70_000.0, stateless=100_000.0)
+        assert target(report, "stateful / stateless throughput").status == "pass"
+
+    def test_no_stateless_run_leaves_the_state_ratio_unmeasured(self) -> None:
+        report = make_report()
+        report.throughput = [run for run in report.throughput if run.card_state]
+        [shown] = [t for t in evaluate_targets(report) if t.name.startswith("stateful /")]
+        assert shown.status == "n/a"
+
+    def test_restore_below_200000_records_a_second_fails(self) -> None:
+        shown = target(make_report(restore_rate=150_000.0), "state restore rate")
+        assert shown.status == "FAIL"
+        assert shown.measured == "150,000 records/s (90,000 records)"
+        assert target(make_report(restore_rate=200_000.0), "state restore rate").status == "pass"
+
+    def test_stateful_p99_has_10_ms_over_the_limit(self) -> None:
+        """9 ms over the pass-through misses the first latency target and meets the state's."""
+        report = make_report(scorer_p99=18.0, limit_p99=9.0)
+        assert target(report, "p99 latency at 5,000/s").status == "FAIL"
+        shown = target(report, "stateful scorer p99 at 5,000/s")
+        assert shown.status == "pass"
+        assert shown.goal == "<= pass-through p99 + 10 ms"
+        assert shown.measured == "18.0 vs 9.0 ms (+9.0)"
+        late = make_report(scorer_p99=19.5, limit_p99=9.0)
+        assert target(late, "stateful scorer p99 at 5,000/s").status == "FAIL"
+
+    def test_missing_outputs_fail_the_stateful_p99_too(self) -> None:
+        report = make_report()
+        report.latency[1] = latency(SCORER, 5_000.0, 3.0, missing=2)
+        [shown] = [t for t in evaluate_targets(report) if t.name.startswith("stateful scorer")]
+        assert shown.status == "FAIL"
 
 
 class TestThroughput:
     def test_events_per_second(self) -> None:
         assert Throughput(SCORER, "at-least-once", 1, 50_000, 2.5).events_per_second == 20_000
+
+    def test_label_names_the_stateless_scorer(self) -> None:
+        assert Throughput(SCORER, "at-least-once", 1).label == "scorer"
+        assert Throughput(SCORER, "at-least-once", 1, card_state=False).label == "scorer, stateless"
+        assert Throughput(PASSTHROUGH, "at-least-once", 1, card_state=False).label == PASSTHROUGH
+
+
+class TestStateFigures:
+    def test_restore_rate(self) -> None:
+        restore = Restore("drain", 100_000, 100_000, 16_000, 0.4)
+        assert restore.records_per_second == pytest.approx(250_000.0)
+        assert math.isnan(Restore("drain", 0, 0, 0, 0.0).records_per_second)
+
+    def test_bytes_per_card_is_the_peak_rss_difference_over_the_cards(self) -> None:
+        memory = StateMemory(
+            1_000,
+            Throughput(SCORER, "at-least-once", 1, peak_rss_mb=300.0),
+            Throughput(SCORER, "at-least-once", 1, peak_rss_mb=200.0, card_state=False),
+        )
+        assert memory.bytes_per_card == pytest.approx(100 * MB / 1_000)
+
+    def test_held_bytes_per_card(self) -> None:
+        assert HeldState("x", 4, 10, 4_000).bytes_per_card == 1_000
+        assert math.isnan(HeldState("x", 0, 0, 0).bytes_per_card)
 
     def test_not_available_has_no_rate(self) -> None:
         run = Throughput(SCORER, "exactly-once", 1, available=False, note="refused")
@@ -230,12 +345,61 @@ class TestFormatTable:
 class TestRender:
     def test_text_has_every_section_and_the_verdicts(self) -> None:
         text = render(make_report(exactly_once=False), markdown=False)
-        for heading in ("Throughput", "Latency", "Hot loop cost per record", "Targets"):
+        for heading in (
+            "Throughput",
+            "Latency",
+            "State restore",
+            "State memory",
+            "Hot loop cost per record",
+            "Targets",
+        ):
             assert f"\n{heading}" in text
         assert "not available" in text
         assert "scorer exactly-once x1: refused" in text
         assert "pass-through (the limit)" in text
         assert "Test CPU" in text
+
+    def test_stateless_run_has_a_row_of_its_own(self) -> None:
+        text = render(make_report(), markdown=False)
+        [row] = [line for line in text.splitlines() if line.startswith("scorer, stateless  ")]
+        assert "75,000" in row
+
+    def test_state_rows(self) -> None:
+        """Both restores, both scorers' peak RSS, the state's share and the in-process figure."""
+        text = render(make_report(), markdown=True)
+        assert "| 500,000-event drain | 90,000 | 90,000 | 16,000 | 0.36 | 250,000 | - |" in text
+        assert (
+            "| 1,000,000 new cards | 1,000,000 | 1,000,000 | 1,000,000 | 5.00 | 200,000 |" in text
+        )
+        assert (
+            "| scorer, card state: peak RSS | 1,000,000 | 1,000,000 | 50,000 | 1,200 | - |" in text
+        )
+        assert "| scorer, stateless: peak RSS | 1,000,000 | 1,000,000 | 62,500 | 200 | - |" in text
+        assert "| the state: the difference | 1,000,000 | - | - | 1,000 | 1,049 |" in text
+        assert (
+            "| store alone: one transaction per card | 10,000 | 10,000 | - | 10 | 1,000 |" in text
+        )
+
+    def test_quick_run_says_its_card_count(self) -> None:
+        report = make_report()
+        report.quick = True
+        memory = report.state_memory
+        assert memory is not None
+        report.state_memory = replace(memory, cards=50_000)
+        text = render(report, markdown=False)
+        assert "a quick run: 50,000 cards, not the full bench's 1,000,000" in text
+        assert "quick run" not in render(make_report(), markdown=False)
+
+    def test_breakdown_says_how_much_history_the_records_met(self) -> None:
+        text = render(make_report(), markdown=False)
+        assert "card state built from 7 days of the synthetic world" in text
+        assert "16,000 cards in the timed records, 90% of those records with a history" in text
+
+    def test_restore_note_is_a_footnote(self) -> None:
+        report = make_report()
+        assert report.restore is not None
+        report.restore = replace(report.restore, note="median of 3 restores")
+        assert "  * 500,000-event drain: median of 3 restores" in render(report, markdown=False)
 
     def test_latency_footnotes(self) -> None:
         """A slow load generator and outputs that never came are said, not hidden."""
@@ -287,6 +451,31 @@ class TestReportJson:
             "measured": "0.60 x",
             "status": "pass",
         }
+        assert [t["name"] for t in data["targets"]] == TARGET_NAMES
+
+    def test_state_figures(self) -> None:
+        """Card state and derived rates are in the JSON, each run saying whether it kept state."""
+        data = report_to_json(make_report())
+        assert [run["card_state"] for run in data["throughput"]] == [True] * 4 + [False]
+        assert data["restore"]["records_per_second"] == pytest.approx(250_000.0)
+        memory = data["state_memory"]
+        assert memory["cards"] == 1_000_000
+        assert memory["bytes_per_card"] == pytest.approx(1_000 * MB / 1_000_000)
+        assert memory["stateful"]["events_per_second"] == pytest.approx(50_000.0)
+        assert memory["stateless"]["card_state"] is False
+        assert memory["restore"]["records_per_second"] == pytest.approx(200_000.0)
+        assert data["held_state"][0]["bytes_per_card"] == pytest.approx(1_000.0)
+        assert data["breakdown"]["cards"] == 16_000
+        assert data["breakdown"]["with_history"] == pytest.approx(0.9)
+        assert data["breakdown"]["history_days"] == 7.0
+
+    def test_state_not_measured_is_null(self) -> None:
+        report = make_report()
+        report.restore, report.state_memory, report.held_state = None, None, []
+        data = json.loads(json.dumps(report_to_json(report), allow_nan=False))
+        assert data["restore"] is None
+        assert data["state_memory"] is None
+        assert data["held_state"] == []
 
     def test_strict_json_without_nan(self) -> None:
         """An unavailable run's NaNs become null, so any JSON reader can load the file."""
@@ -334,6 +523,13 @@ class TestFlags:
     def test_quick_then_flags(self) -> None:
         args = build_parser().parse_args(["run", "--quick", "--events", "1234", "--rates", "10"])
         assert options_from(args) == replace(QUICK, events=1234, rates=(10.0,))
+
+    def test_state_cards(self) -> None:
+        """A million cards in the full bench; fewer in a quick run, or as asked."""
+        assert BenchOptions().state_cards == 1_000_000
+        assert QUICK.state_cards < BenchOptions().state_cards
+        args = build_parser().parse_args(["run", "--quick", "--state-cards", "2000"])
+        assert options_from(args).state_cards == 2_000
 
     def test_bad_flag_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exit_info:
@@ -422,16 +618,11 @@ class TestHotLoopBreakdown:
             output_topic="out",
             max_event_bytes=65_536,
         )
-        scoring = RecordingProducer()
-        app = ScoringApp(
-            Settings(output_topic="out"),
-            scorer,
-            cast(Consumer, object()),
-            ClientErrors("consumer"),
-            cast(OutputProducer, scoring),
-        )
+        # The rig's own producer: an empty RecordingProducer is falsy (it has a length).
+        rig = app_on_fakes(scorer, Settings(output_topic="out"))
+        scoring = rig.producer
         for batch in batches:
-            app.process([StubMessage(key, value, offset) for key, value, _, offset in batch])
+            rig.app.process([StubMessage(key, value, offset) for key, value, _, offset in batch])
         assert len(timed.produced) == 120
         assert verdicts_without_time(timed.produced) == verdicts_without_time(scoring.produced)
 
@@ -447,6 +638,33 @@ class TestHotLoopBreakdown:
         )
         assert list(times.wall) == list(STAGES) == list(times.cpu)
         assert all(seconds > 0 for seconds in times.wall.values())
+
+    def test_starts_from_the_state_given(self, scorer: Scorer) -> None:
+        """From restored histories, the verdicts of a scorer that scored the earlier records."""
+        batches = synthetic_batches(300, 50)
+        earlier, later = batches[:4], batches[4:]
+        # The records of the first four batches (a world generates a call's count at once).
+        records = [event.record for event in SyntheticWorld(5).generate(300)][:200]
+        state = {
+            card: CARD_HISTORY_CODEC.encode(history)
+            for card, history in card_histories(records, 50).items()
+        }
+        timed = RecordingProducer()
+        time_hot_loop(
+            later,
+            scorer,
+            cast(OutputProducer, timed),
+            source_topic="in",
+            output_topic="out",
+            max_event_bytes=65_536,
+            state=state,
+        )
+        rig = app_on_fakes(scorer, Settings(output_topic="out"))
+        for batch in earlier + later:
+            rig.app.process([StubMessage(key, value, offset) for key, value, _, offset in batch])
+        verdicts = [output for output in rig.producer.produced if output.topic == "out"]
+        assert len(timed.produced) == 100
+        assert verdicts_without_time(timed.produced) == verdicts_without_time(verdicts[200:])
 
     def test_a_refused_record_fails_the_breakdown(self, scorer: Scorer) -> None:
         """The breakdown times the happy path only; a bad record is a bench error, not a cost."""
@@ -475,6 +693,35 @@ class TestHotLoopBreakdown:
         assert times.wall["validate"] > 0
         assert times.wall["decode"] + times.wall["validate"] == pytest.approx(whole_wall)
         assert times.cpu["decode"] + times.cpu["validate"] == pytest.approx(whole_cpu)
+
+
+class TestCardState:
+    def test_card_histories_hold_every_card(self) -> None:
+        records = [event.record for event in SyntheticWorld(5).generate(500)]
+        histories = card_histories(records, 64)
+        assert set(histories) == {record["card_id"] for record in records}
+        assert histories == card_histories(records, 500)  # whatever the batching
+
+    def test_held_state_bytes(self) -> None:
+        """Each card costs something, and twice the cards cost about twice the bytes."""
+        records = [event.record for event in new_card_events(7, 4_000)]
+        cards, restored, held = held_state_bytes(records[:2_000], 500)
+        more_cards, _, more_held = held_state_bytes(records, 500)
+        assert (cards, more_cards) == (2_000, 4_000)
+        assert 50 < restored / cards <= held / cards < 20_000
+        assert more_held == pytest.approx(2 * held, rel=0.2)
+
+    def test_new_card_events_each_have_a_card_of_their_own(self) -> None:
+        events = list(new_card_events(7, 3_000))
+        assert len({event.record["card_id"] for event in events}) == 3_000
+        assert all(encode_transaction(event.record) for event in events)
+
+    def test_new_card_events_span_less_than_the_retention(self) -> None:
+        """No card of the state memory run may expire before the run ends."""
+        events = list(new_card_events(7, 5_000))
+        assert events[-1].record["event_time"] - events[0].record["event_time"] < RETENTION_MS
+        full = BenchOptions().state_cards
+        assert full / STATE_EVENTS_PER_DAY * 86_400_000 < RETENTION_MS
 
 
 class TestChildProcess:
@@ -514,6 +761,21 @@ class TestChildProcess:
         child = ChildProcess("sleeper", command, {}, tmp_path / "s.log")
         assert child.stop() == -15
 
+    def test_logged_lines_of_one_event(self, tmp_path: Path) -> None:
+        """JSON lines of that event, in order; other lines and non-JSON output are skipped."""
+        lines = [
+            json.dumps({"event": "state restored", "records": 10, "keys": 3}),
+            "a librdkafka line that is not JSON",
+            json.dumps({"event": "ready"}),
+            json.dumps({"event": "state restored", "records": 20, "keys": 4}),
+        ]
+        code = "import sys; sys.stdout.write(sys.argv[1])"
+        text = "\n".join(lines) + "\n"
+        child = ChildProcess("cli", [sys.executable, "-c", code, text], {}, tmp_path / "r.log")
+        assert child.wait(60) == 0
+        assert [line["records"] for line in child.logged("state restored")] == [10, 20]
+        assert child.logged("scorer stopped") == []
+
     def test_error_reason_is_the_last_logged_error(self, tmp_path: Path) -> None:
         lines = [
             {"level": "info", "event": "starting"},
@@ -525,6 +787,18 @@ class TestChildProcess:
         child = ChildProcess("cli", [sys.executable, "-c", code, text], {}, tmp_path / "e.log")
         assert child.wait(60) == 0
         assert child.error_reason() == "exactly-once: no"
+
+
+class TestMedianRestore:
+    def test_middle_of_three_names_all_three(self) -> None:
+        restores = [Restore("drain", 10, 100_000, 5, 100_000 / rate) for rate in (3e5, 1e5, 2e5)]
+        chosen = median_restore(restores)
+        assert chosen is not None
+        assert chosen.records_per_second == pytest.approx(200_000.0)
+        assert chosen.note == "median of 3 restores (300,000, 100,000, 200,000 records/s)"
+
+    def test_none(self) -> None:
+        assert median_restore([]) is None
 
 
 class TestMedianRun:

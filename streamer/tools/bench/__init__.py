@@ -1,10 +1,12 @@
 """`scripts/bench`: the scorer measured against the raw-Kafka limit on a real broker.
 
 `python -m streamer.tools.bench run` preloads synthetic events and measures, in one run: the
-throughput of a pass-through (the limit) and of `streamer run` in both guarantee modes, end-to-end
-latency at fixed rates for both, the scorer's peak memory, scale-out to two processes, and the
-per-record cost of each hot-loop stage. `python -m streamer.tools.bench passthrough` is the limit
-itself, run as a process of its own. See `harness` for how each number is taken.
+throughput of a pass-through (the limit) and of `streamer run` in both guarantee modes, with card
+state and without it, end-to-end latency at fixed rates for both processors, the scorer's peak
+memory, scale-out to two processes, how fast a scorer restores card state from its changelog,
+what a million cards in state cost in memory, and the per-record cost of each hot-loop stage.
+`python -m streamer.tools.bench passthrough` is the limit itself, run as a process of its own.
+See `harness` for how each number is taken.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ class BenchOptions:
     warmup_seconds: float = 0.5
     """Unmeasured seconds before each round."""
     breakdown_records: int = 20_000
+    state_cards: int = 1_000_000
+    """Distinct cards of the state memory run: as many events, each of a card not seen before."""
     until_idle: float = 3.0
+    """`--until-idle` of every processor: it exits after this long with nothing to consume.
+
+    The scorer counts it from its partition assignment, so it must outlast the restore of a new
+    group's (empty) state, about a second on a busy two-core machine.
+    """
     seed: int = 20_240_601
     quick: bool = False
     out_root: Path = Path("bench-results")
@@ -52,6 +61,6 @@ QUICK: Final = BenchOptions(
     latency_seconds=3.0,
     latency_rounds=2,
     breakdown_records=5_000,
-    until_idle=2.0,
+    state_cards=50_000,
     quick=True,
 )

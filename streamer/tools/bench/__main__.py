@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--warmup-seconds", type=non_negative_float, help="unmeasured s per round")
     run.add_argument("--breakdown-records", type=positive_int, help="records timed per stage")
+    run.add_argument(
+        "--state-cards", type=positive_int, help="cards of the state memory run (default 1,000,000)"
+    )
     run.add_argument("--out-dir", type=Path, help="results folder (default bench-results)")
     run.add_argument("--kafka-version", help="broker version, for the report")
 
@@ -99,6 +102,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         "latency_rounds": args.latency_rounds,
         "warmup_seconds": args.warmup_seconds,
         "breakdown_records": args.breakdown_records,
+        "state_cards": args.state_cards,
         "out_root": args.out_dir,
         "kafka_version": args.kafka_version,
     }

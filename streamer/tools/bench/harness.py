@@ -1,4 +1,4 @@
-"""The bench run: preload, then throughput, latency, memory, scale-out and the hot-loop breakdown.
+"""The bench run: preload, hot-loop breakdown, throughput, state, latency, memory and scale-out.
 
 How each number is taken, and why:
 
@@ -20,6 +20,18 @@ How each number is taken, and why:
   child is a copy of until it execs); its user + system CPU time comes from `os.wait4`, exactly.
 - **Scale-out.** Two scorer processes in one group over the same preloaded topic, measured as
   above; the group's first rebalance is part of the window.
+- **Card state.** The scorer runs as users run it, keeping card history and writing it to its
+  changelog at every commit; one more throughput run (`STREAMER_CARD_STATE=false`) is the
+  stateless baseline it is compared with. After the throughput runs, one more scorer joins the
+  group of each stateful at-least-once drain: assigned every partition, it restores the drain's
+  state from the changelog, finds nothing left to consume and exits after the idle wait; its
+  "state restored" log line gives records, keys and seconds (the median restore is reported).
+- **State memory.** `state_cards` events, each of a card never seen before, drained by a
+  stateful and a stateless scorer (measured as throughput runs): the difference of their peak
+  RSS over the cards is what the state costs a card, for the smallest history there is (one
+  transaction). A scorer then restores that state: every card once. In this process,
+  `breakdown.held_state_bytes` traces what a store holds per card for such cards and for cards
+  after a month of use, which the process-level figure cannot show.
 - **Latency.** Both processors run at once, each on fresh topics, already caught up. Per rate,
   `latency_rounds` rounds feed one processor, then the other (the order alternates), for
   `latency_seconds / latency_rounds` each after `warmup_seconds` that are sent but not counted:
@@ -32,7 +44,8 @@ How each number is taken, and why:
   send.
 - **Breakdown.** `breakdown.time_hot_loop` in this process, the median of `BREAKDOWN_PASSES`
   passes by CPU total, on a quiet machine (no processor running yet), with the garbage collector
-  set as `streamer run` sets it.
+  set as `streamer run` sets it. The card state starts from `BREAKDOWN_HISTORY_DAYS` of the
+  synthetic world, so the timed records meet histories, not empty cards.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,14 +69,28 @@ from typing import Any, Final
 
 import confluent_kafka
 
+from streamer.app import CARD_STORE
 from streamer.cli import tune_garbage_collector
+from streamer.kafka.changelog import changelog_topic, ensure_changelog
 from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import encode_transaction
 from streamer.settings import Settings
-from streamer.synthetic import SyntheticWorld
+from streamer.state.card import CARD_HISTORY_CODEC
+from streamer.synthetic import (
+    DEFAULT_EVENTS_PER_DAY,
+    EVENTS_PER_CARD_PER_DAY,
+    LabelledTransaction,
+    SyntheticWorld,
+)
 from streamer.tools.bench import BenchError, BenchOptions
-from streamer.tools.bench.breakdown import InputRecord, StageTimes, time_hot_loop
+from streamer.tools.bench.breakdown import (
+    InputRecord,
+    StageTimes,
+    card_histories,
+    held_state_bytes,
+    time_hot_loop,
+)
 from streamer.tools.bench.instruments import (
     ChildProcess,
     LatencyReader,
@@ -78,8 +105,11 @@ from streamer.tools.bench.instruments import (
 from streamer.tools.bench.report import (
     PASSTHROUGH,
     SCORER,
+    HeldState,
     Latency,
     Report,
+    Restore,
+    StateMemory,
     Throughput,
     evaluate_targets,
     latency_percentiles,
@@ -95,9 +125,31 @@ START_TIMEOUT: Final = 120.0
 DRAIN_TIMEOUT: Final = 60.0
 """After a paced run, longest wait for the outputs still on their way."""
 LATENCY_POOL_SIZE: Final = 50_000
-"""Distinct events the latency producer cycles through (the processors keep no per-event state)."""
+"""Distinct events the latency producer cycles through.
+
+The scorer keeps state per card, not per event: an event sent again is a new transaction of its
+card, which its history takes as happening at the card's latest time (it never goes back).
+"""
 FIRST_WARMUP_EVENTS: Final = 200
 BREAKDOWN_PASSES: Final = 3
+BREAKDOWN_HISTORY_DAYS: Final = 7.0
+"""Days of the synthetic world applied to the card state before the breakdown's timed records.
+
+A week is the longest window over single transactions, the part of a history whose size (and
+cost per record) grows with the card's use; the timed records then meet histories as full as in
+a stream that has run for a week or more.
+"""
+HELD_CARDS: Final = 5_000
+"""Cards of one transaction each whose in-process size is traced (they barely differ)."""
+HISTORY_WORLD_EVENTS_PER_DAY: Final = 2_500.0
+"""The world whose histories are traced after `HISTORY_WORLD_DAYS`: about 1,700 cards, each as
+busy as a card of the default world, so a sample of histories without 30 days of the default
+world's 750,000 events."""
+HISTORY_WORLD_DAYS: Final = 35.0
+"""Past the longest window (30 days), so every part of a history has reached its usual size."""
+STATE_EVENTS_PER_DAY: Final = 1_000_000.0
+"""Clock of the state memory run's events, whatever their number: they must span less than the
+30 days after which an idle card's history expires, or the state would lose its first cards."""
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -110,6 +162,17 @@ class _Lane:
     topic: str
     reader: LatencyReader
     process: ChildProcess
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """Where a throughput run drained: enough for one more scorer to join its group."""
+
+    label: str
+    input_topic: str
+    output_topic: str
+    dlq_topic: str
+    group: str
 
 
 @dataclass
@@ -142,9 +205,15 @@ class Bench:
         dlq_topic: str,
         group: str,
         guarantee: str = "at-least-once",
+        card_state: bool = True,
         until_idle: float | None = None,
     ) -> ChildProcess:
-        """Start `streamer run` (kind `scorer`) or the pass-through with the same flags."""
+        """Start `streamer run` (kind `scorer`) or the pass-through with the same flags.
+
+        For a scorer with `card_state`, the group's changelog topic is created first, as
+        `streamer topics create` creates it before a deployment's first scorer, and deleted with
+        the bench's own topics at the end.
+        """
         common = [
             "--bootstrap-servers",
             self.settings.bootstrap_servers,
@@ -172,8 +241,22 @@ class Bench:
             ]
         else:
             command = [sys.executable, "-m", "streamer.tools.bench", "passthrough"]
-        # Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee is the run's own.
-        env = {**os.environ, "STREAMER_PROCESSING_GUARANTEE": guarantee}
+        # Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee and whether the
+        # scorer keeps card state are the run's own.
+        env = {
+            **os.environ,
+            "STREAMER_PROCESSING_GUARANTEE": guarantee,
+            "STREAMER_CARD_STATE": "true" if card_state else "false",
+        }
+        if kind == SCORER and card_state:
+            changelog = changelog_topic(group, CARD_STORE)
+            if changelog not in self.topics:
+                self.topics.append(changelog)
+                # Left to the scorer, the topic is created as it starts, and its changelog reader
+                # can find a partition unknown for a moment: that partition's restore then never
+                # ends ("desired partition is not available" on Kafka 4.4), and neither does the
+                # run. Created here, it has existed for seconds when the scorer reads it.
+                ensure_changelog(self.settings.admin_config(), changelog, input_topic)
         logs = self.out_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         process = ChildProcess(label, [*command, *common], env, logs / f"{label}.log")
@@ -186,51 +269,50 @@ class Bench:
 
     # -- phases --
 
-    def preload(self) -> tuple[str, dict[int, int], dict[str, float]]:
-        """The shared input topic, filled once; returns it, its partition sizes, and timing."""
+    def preload(
+        self, role: str, count: int, events: Iterable[LabelledTransaction]
+    ) -> tuple[str, dict[int, int], dict[str, float]]:
+        """A new input topic filled with `count` `events`: its name, partition sizes and timing."""
         options = self.options
-        topic = self.topic("input")
+        topic = self.topic(role)
         create_topics(self.settings.admin_config(), [topic], partitions=options.partitions)
-        log(f"preloading {options.events:,} events into {topic} ({options.partitions} partitions)")
+        log(f"preloading {count:,} events into {topic} ({options.partitions} partitions)")
         producer = OutputProducer(self.settings.producer_config(), name="bench-preload")
-        report = publish(
-            producer,
-            topic,
-            SyntheticWorld(options.seed).generate(options.events),
-            progress=ProgressBar(options.events),
-        )
+        report = publish(producer, topic, events, progress=ProgressBar(count))
         producer.errors.raise_if_fatal()
-        if report.failed or report.acknowledged != options.events:
+        if report.failed or report.acknowledged != count:
             raise BenchError(
                 f"preload: {report.failed} of {report.sent} events not delivered: {report.errors}"
             )
         sizes = partition_sizes(self.settings, topic)
-        if sum(sizes.values()) != options.events:
-            raise BenchError(
-                f"preload: {topic} holds {sum(sizes.values())} records, not {options.events}"
-            )
-        rate = options.events / report.seconds
+        if sum(sizes.values()) != count:
+            raise BenchError(f"preload: {topic} holds {sum(sizes.values())} records, not {count}")
+        rate = count / report.seconds
         log(f"preloaded in {report.seconds:.1f} s ({rate:,.0f} events/s)")
-        return (
-            topic,
-            sizes,
-            {"events": options.events, "seconds": report.seconds, "events_per_second": rate},
-        )
+        return topic, sizes, {"events": count, "seconds": report.seconds, "events_per_second": rate}
 
-    def breakdown(self, scorer: Scorer) -> tuple[StageTimes, int]:
+    def breakdown(self, scorer: Scorer, report: Report) -> StageTimes:
         """Time per hot-loop stage over `breakdown_records` synthetic records.
 
-        The records go through `BREAKDOWN_PASSES` times; the pass with the median CPU total is
-        kept: on a shared virtual machine one pass can cost a third more than the next.
+        The card state starts from `BREAKDOWN_HISTORY_DAYS` of the same world's events before the
+        timed ones, so most timed records meet a history of a week, as in a stream that has run
+        that long; from an empty state most would be their card's first. The records go through
+        `BREAKDOWN_PASSES` times, each from that same state; the pass with the median CPU total
+        is kept: on a shared virtual machine one pass can cost a third more than the next. Fills
+        the report's breakdown fields.
         """
         settings = self.settings
-        count = self.options.breakdown_records
+        size = settings.batch_size
         world = SyntheticWorld(self.options.seed + 1)
+        before = round(BREAKDOWN_HISTORY_DAYS * DEFAULT_EVENTS_PER_DAY)
+        log(f"hot-loop breakdown: card state from {before:,} events first")
+        histories = card_histories([event.record for event in world.generate(before)], size)
+        encode = CARD_HISTORY_CODEC.encode
+        state = {card: encode(history) for card, history in histories.items()}
         records: list[InputRecord] = [
             (event.record["card_id"].encode(), encode_transaction(event.record), 0, offset)
-            for offset, event in enumerate(world.generate(count + settings.batch_size))
+            for offset, event in enumerate(world.generate(self.options.breakdown_records + size))
         ]
-        size = settings.batch_size
         batches = [records[i : i + size] for i in range(0, len(records), size)]
         output = self.topic("breakdown")
         create_topics(settings.admin_config(), [output], partitions=self.options.partitions)
@@ -239,18 +321,58 @@ class Bench:
             "source_topic": "bench-breakdown-input",
             "output_topic": output,
             "max_event_bytes": settings.max_event_bytes,
+            "state": state,
         }
         # One batch first, not counted: first calls pay for imports, caches and connections.
         time_hot_loop(batches[:1], scorer, producer, **kwargs)
         measured = batches[1:]
         count = sum(map(len, measured))
+        known = set(state)
+        with_history = 0
+        for batch in measured:
+            for key, _value, _partition, _offset in batch:
+                card = key.decode()
+                with_history += card in known
+                known.add(card)
+        cards = len({key for batch in measured for key, _, _, _ in batch})
         log(f"hot-loop breakdown: {BREAKDOWN_PASSES} passes over {count:,} records")
         passes = []
         with scorer_garbage_collector():
             for _ in range(BREAKDOWN_PASSES):
                 passes.append(time_hot_loop(measured, scorer, producer, **kwargs))
         passes.sort(key=lambda times: sum(times.cpu.values()))
-        return passes[(len(passes) - 1) // 2], count
+        report.breakdown_records = count
+        report.breakdown_cards = cards
+        report.breakdown_with_history = with_history / count if count else math.nan
+        report.breakdown_history_days = BREAKDOWN_HISTORY_DAYS
+        return passes[(len(passes) - 1) // 2]
+
+    def held_state(self) -> list[HeldState]:
+        """What a card store holds per card, in this process (`breakdown.held_state_bytes`).
+
+        For cards of one transaction each, as in the state memory run, to set its process-level
+        figure against, and for cards after `HISTORY_WORLD_DAYS` of use; each just restored
+        and in use.
+        """
+        size = self.settings.batch_size
+
+        def both(what: str, records: Sequence[Mapping[str, Any]]) -> list[HeldState]:
+            cards, restored, in_use = held_state_bytes(records, size)
+            what = what.format(per_card=len(records) / cards if cards else math.nan)
+            return [
+                HeldState(f"{what}, restored", cards, len(records), restored),
+                HeldState(f"{what}, in use", cards, len(records), in_use),
+            ]
+
+        log(f"state held: {HELD_CARDS:,} cards of one transaction each")
+        one = [event.record for event in new_card_events(self.options.seed + 4, HELD_CARDS)]
+        results = both("one transaction per card", one)
+        world = SyntheticWorld(self.options.seed + 5, events_per_day=HISTORY_WORLD_EVENTS_PER_DAY)
+        log(f"state held: {world.n_cards:,} cards after {HISTORY_WORLD_DAYS:g} days")
+        count = round(HISTORY_WORLD_DAYS * HISTORY_WORLD_EVENTS_PER_DAY)
+        used = [event.record for event in world.generate(count)]
+        what = f"{HISTORY_WORLD_DAYS:g} days of use, {{per_card:.0f}} transactions per card"
+        return results + both(what, used)
 
     def throughput(
         self,
@@ -260,10 +382,22 @@ class Bench:
         *,
         guarantee: str = "at-least-once",
         processes: int = 1,
+        card_state: bool = True,
         repeat: int = 0,
-    ) -> Throughput:
-        """One drain of the preloaded topic by `processes` processors in one group."""
-        label = f"{kind}-{guarantee}-x{processes}" + (f"-{repeat + 1}" if repeat else "")
+        tag: str = "",
+    ) -> tuple[Throughput, _Drain]:
+        """One drain of `input_topic` by `processes` processors in one group.
+
+        `card_state` False runs the scorer without state (`STREAMER_CARD_STATE=false`); `tag`
+        tells apart the topics and group of runs over different inputs.
+        """
+        stateless = kind == SCORER and not card_state
+        label = (
+            f"{kind}-{guarantee}-x{processes}"
+            + ("-stateless" if stateless else "")
+            + (f"-{tag}" if tag else "")
+            + (f"-{repeat + 1}" if repeat else "")
+        )
         output, dlq = self.topic(f"{label}-out"), self.topic(f"{label}-dlq")
         group = f"bench-{self.run_id}-{label}"
         admin = self.settings.admin_config()
@@ -285,11 +419,13 @@ class Bench:
                 dlq_topic=dlq,
                 group=group,
                 guarantee=guarantee,
+                card_state=card_state,
                 until_idle=self.options.until_idle,
             )
             for index in range(processes)
         ]
-        timeout = START_TIMEOUT + self.options.events / 1_000
+        drain = _Drain(label, input_topic, output, dlq, group)
+        timeout = START_TIMEOUT + sum(sizes.values()) / 1_000
         for process in started:
             status = process.wait(timeout)
             if status == 2 and guarantee == "exactly-once":
@@ -297,9 +433,19 @@ class Bench:
                 log(f"{label}: not available ({reason})")
                 for other in started:
                     other.kill()
-                return Throughput(kind, guarantee, processes, available=False, note=reason)
+                unavailable = Throughput(
+                    kind,
+                    guarantee,
+                    processes,
+                    available=False,
+                    note=reason,
+                    card_state=card_state,
+                )
+                return unavailable, drain
             if status != 0:
                 raise failed(process, status)
+        if kind == SCORER:
+            self._check_consumed(label, started, sum(sizes.values()))
         peak = max((p.peak_rss_mb for p in started), default=math.nan)
         cpu = sum(p.cpu_seconds or 0.0 for p in started)
         dead_letters = sum(partition_sizes(self.settings, dlq).values())
@@ -331,12 +477,112 @@ class Bench:
             peak_rss_mb=peak,
             cpu_seconds=cpu,
             note="; ".join(notes),
+            card_state=card_state if kind == SCORER else False,
         )
         log(
             f"{label}: {result.events_per_second:,.0f} events/s over {seconds:.1f} s, "
             f"peak RSS {peak:.0f} MB, {cpu:.1f} CPU s"
         )
+        return result, drain
+
+    def _check_consumed(self, label: str, started: Sequence[ChildProcess], records: int) -> None:
+        """Fail, saying why, when the scorers stopped before consuming every input record.
+
+        `--until-idle` counts from the partition assignment, and a restore happens after it: a
+        restore longer than the idle time stops a scorer before its first record.
+        """
+        consumed = 0
+        for process in started:
+            stopped = process.logged("scorer stopped")
+            consumed += int(stopped[-1].get("consumed", 0)) if stopped else 0
+        if consumed >= records:
+            return
+        restores = ", ".join(
+            f"{float(line.get('seconds', math.nan)):.1f}"
+            for process in started
+            for line in process.logged("state restored")
+        )
+        raise BenchError(
+            f"{label}: the scorer consumed {consumed:,} of {records:,} records before "
+            f"--until-idle {self.options.until_idle:g} s stopped it; its restores took "
+            f"{restores or 'no'} s, counted as idle (from the partition assignment).\n"
+            f"{started[0].log_tail()}"
+        )
+
+    def restore(self, drain: _Drain, source: str) -> Restore:
+        """One more scorer in the group of a finished stateful drain, timed restoring its state.
+
+        It is assigned every partition, restores the card state from the group's changelog
+        (whose records all lie within the committed offsets: the drain ended with a clean stop),
+        finds nothing left to consume and exits after the idle wait. The figures are those of
+        its "state restored" log line (`kafka.changelog.Restorer`).
+        """
+        label = f"{drain.label}-restore"
+        changelog = changelog_topic(drain.group, CARD_STORE)
+        changelog_records = sum(partition_sizes(self.settings, changelog).values())
+        log(f"restore: {label} from {changelog_records:,} changelog records")
+        process = self.start(
+            SCORER,
+            label=label,
+            input_topic=drain.input_topic,
+            output_topic=drain.output_topic,
+            dlq_topic=drain.dlq_topic,
+            group=drain.group,
+            until_idle=self.options.until_idle,
+        )
+        status = process.wait(START_TIMEOUT + changelog_records / 5_000)
+        if status != 0:
+            raise failed(process, status)
+        restored = process.logged("state restored")
+        if not restored:
+            raise BenchError(f'{label}: no "state restored" line.\n{process.log_tail()}')
+        line = restored[0]
+        notes = []
+        if len(restored) > 1:
+            notes.append(f"restored {len(restored)} times (a rebalance); the first is shown")
+        stopped = process.logged("scorer stopped")
+        consumed = int(stopped[-1].get("consumed", 0)) if stopped else 0
+        if consumed:
+            notes.append(f"it also consumed {consumed:,} records")
+        records = int(line["records"])
+        if records != changelog_records:
+            notes.append(f"{changelog_records - records:,} changelog records left out")
+        result = Restore(
+            source=source,
+            changelog_records=changelog_records,
+            records=records,
+            keys=int(line["keys"]),
+            seconds=float(line["seconds"]),
+            peak_rss_mb=process.peak_rss_mb,
+            note="; ".join(notes),
+        )
+        log(
+            f"{label}: {result.records:,} records, {result.keys:,} keys in "
+            f"{result.seconds:.2f} s ({result.records_per_second:,.0f} records/s), "
+            f"peak RSS {result.peak_rss_mb:.0f} MB"
+        )
         return result
+
+    def state_memory(self) -> StateMemory:
+        """The scorer with and without card state over `state_cards` events of new cards.
+
+        Both drain the same preloaded topic (measured and checked as every throughput run);
+        the state is the difference of their peak RSS. Then a scorer restores the stateful
+        run's changelog: every card once.
+        """
+        cards = self.options.state_cards
+        topic, sizes, _ = self.preload(
+            "cards-input", cards, new_card_events(self.options.seed + 3, cards)
+        )
+        stateful, drain = self.throughput(SCORER, topic, sizes, card_state=True, tag="cards")
+        stateless, _ = self.throughput(SCORER, topic, sizes, card_state=False, tag="cards")
+        restore = self.restore(drain, f"{cards:,} new cards")
+        memory = StateMemory(cards, stateful, stateless, restore)
+        log(
+            f"state memory: {cards:,} cards, peak RSS {stateful.peak_rss_mb:,.0f} MB with state, "
+            f"{stateless.peak_rss_mb:,.0f} MB without: {memory.bytes_per_card:,.0f} bytes a card"
+        )
+        return memory
 
     def latency(self, pool: Sequence[tuple[bytes, bytes]]) -> list[Latency]:
         """Both processors, each on fresh topics, measured in alternating rounds at each rate.
@@ -448,35 +694,53 @@ class Bench:
         phases = report.phase_seconds
         try:
             with timed(phases, "preload"):
-                input_topic, sizes, report.preload = self.preload()
+                input_topic, sizes, report.preload = self.preload(
+                    "input", options.events, SyntheticWorld(options.seed).generate(options.events)
+                )
+            # In this process, before any processor runs: on a quiet machine.
             with timed(phases, "breakdown"):
-                times, report.breakdown_records = self.breakdown(scorer)
+                times = self.breakdown(scorer, report)
             report.breakdown = stage_costs(times.wall, times.cpu, report.breakdown_records)
+            with timed(phases, "state held"):
+                report.held_state = self.held_state()
+            # (kind, guarantee, processes, card state): the scorer as users run it, with card
+            # state, in both modes and two processes; without state once, as its baseline.
             runs = (
-                (PASSTHROUGH, "at-least-once", 1),
-                (SCORER, "at-least-once", 1),
-                (SCORER, "exactly-once", 1),
-                (SCORER, "at-least-once", 2),
+                (PASSTHROUGH, "at-least-once", 1, False),
+                (SCORER, "at-least-once", 1, True),
+                (SCORER, "at-least-once", 1, False),
+                (SCORER, "exactly-once", 1, True),
+                (SCORER, "at-least-once", 2, True),
             )
-            repeats: dict[tuple[str, str, int], list[Throughput]] = {run: [] for run in runs}
+            repeats: dict[tuple[str, str, int, bool], list[Throughput]] = {r: [] for r in runs}
+            stateful_drains: list[_Drain] = []
             with timed(phases, "throughput"):
                 for repeat in range(options.throughput_repeats):
                     for run in runs:
                         done = repeats[run]
                         if done and not done[0].available:
                             continue
-                        kind, guarantee, processes = run
-                        done.append(
-                            self.throughput(
-                                kind,
-                                input_topic,
-                                sizes,
-                                guarantee=guarantee,
-                                processes=processes,
-                                repeat=repeat,
-                            )
+                        kind, guarantee, processes, card_state = run
+                        result, drain = self.throughput(
+                            kind,
+                            input_topic,
+                            sizes,
+                            guarantee=guarantee,
+                            processes=processes,
+                            card_state=card_state,
+                            repeat=repeat,
                         )
+                        done.append(result)
+                        if run == (SCORER, "at-least-once", 1, True):
+                            stateful_drains.append(drain)
             report.throughput = [median_run(done) for done in repeats.values()]
+            with timed(phases, "restore"):
+                source = f"{options.events:,}-event drain"
+                report.restore = median_restore(
+                    [self.restore(drain, source) for drain in stateful_drains]
+                )
+            with timed(phases, "state memory"):
+                report.state_memory = self.state_memory()
             pool = latency_pool(options.seed + 2, min(LATENCY_POOL_SIZE, options.events))
             with timed(phases, "latency"):
                 report.latency = self.latency(pool)
@@ -501,6 +765,8 @@ class Bench:
             "latency_rounds": options.latency_rounds,
             "warmup_seconds": options.warmup_seconds,
             "until_idle_seconds": options.until_idle,
+            "state_cards": options.state_cards,
+            "breakdown_history_days": BREAKDOWN_HISTORY_DAYS,
             "seed": options.seed,
             "batch_size": settings.batch_size,
             "poll_timeout": settings.poll_timeout,
@@ -547,6 +813,19 @@ def median_run(runs: Sequence[Throughput]) -> Throughput:
     return replace(chosen, note="; ".join(filter(None, [spread, chosen.note])))
 
 
+def median_restore(restores: Sequence[Restore]) -> Restore | None:
+    """The restore with the median records/s (the lower of the middle two), noting the others."""
+    if not restores:
+        return None
+    ranked = sorted(restores, key=lambda restore: restore.records_per_second)
+    chosen = ranked[(len(ranked) - 1) // 2]
+    if len(ranked) < 2:
+        return chosen
+    rates = ", ".join(f"{restore.records_per_second:,.0f}" for restore in restores)
+    spread = f"median of {len(restores)} restores ({rates} records/s)"
+    return replace(chosen, note="; ".join(filter(None, [spread, chosen.note])))
+
+
 @contextlib.contextmanager
 def timed(phases: dict[str, float], name: str) -> Iterator[None]:
     """Record how long the block took under `name` (where the ten minutes go)."""
@@ -555,6 +834,23 @@ def timed(phases: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         phases[name] = time.monotonic() - started
+
+
+def new_card_events(seed: int, count: int) -> Iterator[LabelledTransaction]:
+    """`count` synthetic events, each of a card of its own (`new-card-0000000`, ...).
+
+    The events are the synthetic world's with the card id replaced, so a scorer keeps `count`
+    histories of one transaction each. They span a day at most (`STATE_EVENTS_PER_DAY`): no card
+    expires meanwhile.
+    """
+    world = SyntheticWorld(
+        seed,
+        events_per_day=max(STATE_EVENTS_PER_DAY, float(count)),
+        n_cards=round(DEFAULT_EVENTS_PER_DAY / EVENTS_PER_CARD_PER_DAY),
+    )
+    for index, event in enumerate(world.generate(count)):
+        record = {**event.record, "card_id": f"new-card-{index:07d}"}
+        yield LabelledTransaction(record, event.is_fraud)
 
 
 def latency_pool(seed: int, size: int) -> list[tuple[bytes, bytes]]:

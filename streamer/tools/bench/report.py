@@ -15,6 +15,8 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from streamer.tools.bench import BenchOptions
+
 JSON_SCHEMA: Final = "streamer-bench/1"
 
 PERCENTILES: Final[tuple[tuple[str, float], ...]] = (
@@ -34,6 +36,13 @@ MAX_P99_EXCESS_MS: Final = 5.0
 MAX_PEAK_RSS_MB: Final = 300.0
 MIN_SCALE_OUT: Final = 1.7
 """Two scorer processes in one group reach at least this multiple of one."""
+MIN_STATE_RATIO: Final = 0.7
+"""The scorer with card state reaches at least this share of the stateless scorer's throughput."""
+MIN_RESTORE_RATE: Final = 200_000.0
+"""Changelog records per second a scorer applies when it restores card state."""
+MAX_STATEFUL_P99_EXCESS_MS: Final = 10.0
+"""The stateful scorer's p99 at `LATENCY_RATE` may exceed the pass-through's by this many ms."""
+MB: Final = 1024 * 1024
 
 SLOW_SENDER: Final = 0.95
 """A paced run that sent below this share of its rate gets a footnote."""
@@ -62,12 +71,83 @@ class Throughput:
     """User + system CPU time of the run's processes, start-up and idle wait included."""
     available: bool = True
     note: str = ""
+    card_state: bool = True
+    """The scorer kept card history (`STREAMER_CARD_STATE`); False for the stateless baseline.
+
+    The pass-through keeps no state; its value is not read.
+    """
 
     @property
     def events_per_second(self) -> float:
         if not self.available or not self.seconds > 0:
             return math.nan
         return self.events / self.seconds
+
+    @property
+    def label(self) -> str:
+        """The processor, and for the scorer whether it kept card state: "scorer, stateless"."""
+        if self.name == PASSTHROUGH or self.card_state:
+            return self.name
+        return f"{self.name}, stateless"
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """One scorer restoring card state from its changelog, as its "state restored" line says."""
+
+    source: str
+    """What wrote the changelog, e.g. "500,000-event drain"."""
+    changelog_records: int
+    """Records in the changelog topic when the restore began (the sum of its end offsets)."""
+    records: int
+    """Changelog records the scorer applied."""
+    keys: int
+    """Cards in the store once restored."""
+    seconds: float
+    """From the restore's start (consumer created, partitions assigned) to its last partition."""
+    peak_rss_mb: float = math.nan
+    """Of the restoring process, over its whole life (start-up and idle wait included)."""
+    note: str = ""
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class StateMemory:
+    """The scorer with and without card state over the same events, one per card never seen.
+
+    Every card's history then holds a single transaction, the smallest a history can be, so
+    `bytes_per_card` is a floor for cards with more history (see `HeldState`).
+    """
+
+    cards: int
+    stateful: Throughput
+    stateless: Throughput
+    restore: Restore | None = None
+    """A scorer restoring the stateful run's changelog: every card, once."""
+
+    @property
+    def bytes_per_card(self) -> float:
+        """(stateful peak RSS - stateless peak RSS) / cards."""
+        if self.cards < 1:
+            return math.nan
+        return (self.stateful.peak_rss_mb - self.stateless.peak_rss_mb) * MB / self.cards
+
+
+@dataclass(frozen=True, slots=True)
+class HeldState:
+    """Bytes a card store holds after applying some records, measured in process (tracemalloc)."""
+
+    what: str
+    cards: int
+    records: int
+    held_bytes: int
+
+    @property
+    def bytes_per_card(self) -> float:
+        return self.held_bytes / self.cards if self.cards else math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +202,16 @@ class Report:
     latency: list[Latency] = field(default_factory=list)
     breakdown: list[StageCost] = field(default_factory=list)
     breakdown_records: int = 0
+    breakdown_cards: int = 0
+    """Distinct cards among the timed records."""
+    breakdown_with_history: float = math.nan
+    """Share of the timed records whose card already had a history."""
+    breakdown_history_days: float = 0.0
+    """Days of the synthetic world applied to the card state before the timed records."""
+    restore: Restore | None = None
+    """The restore after a stateful throughput drain (the median of those taken)."""
+    state_memory: StateMemory | None = None
+    held_state: list[HeldState] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each phase of the run, in order."""
@@ -169,10 +259,18 @@ def stage_costs(
 
 
 def _find_throughput(
-    runs: Sequence[Throughput], name: str, guarantee: str, processes: int
+    runs: Sequence[Throughput],
+    name: str,
+    guarantee: str,
+    processes: int,
+    *,
+    card_state: bool | None = None,
 ) -> Throughput | None:
+    """The run of that processor, guarantee and process count; `card_state` None: either."""
     for run in runs:
-        if (run.name, run.guarantee, run.processes) == (name, guarantee, processes):
+        if (run.name, run.guarantee, run.processes) == (name, guarantee, processes) and (
+            card_state is None or run.card_state == card_state
+        ):
             return run
     return None
 
@@ -189,11 +287,15 @@ def _judge(ok: bool) -> Status:
 
 
 def evaluate_targets(report: Report) -> list[Target]:
-    """The four targets, each pass, FAIL, or n/a when the run did not measure it."""
+    """Every target, each pass, FAIL, or n/a when the run did not measure it.
+
+    The scorer of the first four is the one users run, with card state; the stateless scorer is
+    only the baseline of the state's own targets, which follow.
+    """
     runs = report.throughput
     limit = _find_throughput(runs, PASSTHROUGH, "at-least-once", 1)
-    one = _find_throughput(runs, SCORER, "at-least-once", 1)
-    two = _find_throughput(runs, SCORER, "at-least-once", 2)
+    one = _find_throughput(runs, SCORER, "at-least-once", 1, card_state=True)
+    two = _find_throughput(runs, SCORER, "at-least-once", 2, card_state=True)
     targets = []
 
     goal = f">= {MIN_THROUGHPUT_RATIO:.2f} x pass-through"
@@ -204,27 +306,7 @@ def evaluate_targets(report: Report) -> list[Target]:
         ratio = one.events_per_second / limit.events_per_second
         targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_THROUGHPUT_RATIO)))
 
-    goal = f"<= pass-through p99 + {MAX_P99_EXCESS_MS:g} ms"
-    name = f"p99 latency at {LATENCY_RATE:,.0f}/s"
-    scorer_latency = _find_latency(report.latency, SCORER, LATENCY_RATE)
-    limit_latency = _find_latency(report.latency, PASSTHROUGH, LATENCY_RATE)
-    if scorer_latency is None or limit_latency is None:
-        targets.append(Target(name, goal, "not measured", "n/a"))
-    elif scorer_latency.missing or limit_latency.missing:
-        lost = scorer_latency.missing + limit_latency.missing
-        targets.append(Target(name, goal, f"{lost:,} outputs missing", "FAIL"))
-    else:
-        ours = scorer_latency.percentiles_ms["p99"]
-        theirs = limit_latency.percentiles_ms["p99"]
-        excess = ours - theirs
-        targets.append(
-            Target(
-                name,
-                goal,
-                f"{ours:.1f} vs {theirs:.1f} ms ({excess:+.1f})",
-                _judge(excess <= MAX_P99_EXCESS_MS),
-            )
-        )
+    targets.append(_p99_target(report, f"p99 latency at {LATENCY_RATE:,.0f}/s", MAX_P99_EXCESS_MS))
 
     goal = f"<= {MAX_PEAK_RSS_MB:.0f} MB"
     name = "scorer peak RSS"
@@ -242,7 +324,57 @@ def evaluate_targets(report: Report) -> list[Target]:
     else:
         factor = two.events_per_second / one.events_per_second
         targets.append(Target(name, goal, f"{factor:.2f} x", _judge(factor >= MIN_SCALE_OUT)))
+
+    goal = f">= {MIN_STATE_RATIO:.2f} x stateless"
+    name = "stateful / stateless throughput"
+    stateless = _find_throughput(runs, SCORER, "at-least-once", 1, card_state=False)
+    if one is None or stateless is None or not (stateless.events_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        ratio = one.events_per_second / stateless.events_per_second
+        targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_STATE_RATIO)))
+
+    goal = f">= {MIN_RESTORE_RATE:,.0f} records/s"
+    name = "state restore rate"
+    restore = report.restore
+    if restore is None or not (restore.records_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        rate = restore.records_per_second
+        measured = f"{rate:,.0f} records/s ({restore.records:,} records)"
+        targets.append(Target(name, goal, measured, _judge(rate >= MIN_RESTORE_RATE)))
+
+    targets.append(
+        _p99_target(
+            report, f"stateful scorer p99 at {LATENCY_RATE:,.0f}/s", MAX_STATEFUL_P99_EXCESS_MS
+        )
+    )
     return targets
+
+
+def _p99_target(report: Report, name: str, excess_ms: float) -> Target:
+    """The scorer's p99 at `LATENCY_RATE` against the pass-through's plus `excess_ms`.
+
+    Outputs that never arrived fail it: a percentile over those that did would flatter an
+    overloaded scorer.
+    """
+    goal = f"<= pass-through p99 + {excess_ms:g} ms"
+    scorer_latency = _find_latency(report.latency, SCORER, LATENCY_RATE)
+    limit_latency = _find_latency(report.latency, PASSTHROUGH, LATENCY_RATE)
+    if scorer_latency is None or limit_latency is None:
+        return Target(name, goal, "not measured", "n/a")
+    if scorer_latency.missing or limit_latency.missing:
+        lost = scorer_latency.missing + limit_latency.missing
+        return Target(name, goal, f"{lost:,} outputs missing", "FAIL")
+    ours = scorer_latency.percentiles_ms["p99"]
+    theirs = limit_latency.percentiles_ms["p99"]
+    excess = ours - theirs
+    return Target(
+        name,
+        goal,
+        f"{ours:.1f} vs {theirs:.1f} ms ({excess:+.1f})",
+        _judge(excess <= excess_ms),
+    )
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -281,7 +413,7 @@ def _throughput_rows(report: Report) -> list[list[str]]:
     limit_rate = limit.events_per_second if limit is not None else math.nan
     rows = []
     for run in report.throughput:
-        label = "pass-through (the limit)" if run.name == PASSTHROUGH else run.name
+        label = "pass-through (the limit)" if run.name == PASSTHROUGH else run.label
         if not run.available:
             rows.append(
                 [label, run.guarantee, str(run.processes), "not available", "-", "-", "-", "-"]
@@ -348,6 +480,102 @@ def _breakdown_rows(report: Report) -> list[list[str]]:
     return rows
 
 
+def _restore_rows(report: Report) -> list[list[str]]:
+    restores = [report.restore]
+    if report.state_memory is not None:
+        restores.append(report.state_memory.restore)
+    return [
+        [
+            restore.source,
+            f"{restore.changelog_records:,}",
+            f"{restore.records:,}",
+            f"{restore.keys:,}",
+            _number(restore.seconds, 2),
+            _number(restore.records_per_second),
+            _number(restore.peak_rss_mb),
+        ]
+        for restore in restores
+        if restore is not None
+    ]
+
+
+def _memory_rows(report: Report) -> list[list[str]]:
+    rows = []
+    memory = report.state_memory
+    if memory is not None:
+        for run in (memory.stateful, memory.stateless):
+            rows.append(
+                [
+                    f"{run.label}{', card state' if run.card_state else ''}: peak RSS",
+                    f"{memory.cards:,}",
+                    f"{run.events:,}",
+                    _number(run.events_per_second),
+                    _number(run.peak_rss_mb),
+                    "-",
+                ]
+            )
+        state_mb = memory.stateful.peak_rss_mb - memory.stateless.peak_rss_mb
+        rows.append(
+            [
+                "the state: the difference",
+                f"{memory.cards:,}",
+                "-",
+                "-",
+                _number(state_mb),
+                _number(memory.bytes_per_card),
+            ]
+        )
+    for held in report.held_state:
+        rows.append(
+            [
+                f"store alone: {held.what}",
+                f"{held.cards:,}",
+                f"{held.records:,}",
+                "-",
+                _number(held.held_bytes / MB),
+                _number(held.bytes_per_card),
+            ]
+        )
+    return rows
+
+
+def _memory_note(report: Report) -> str:
+    memory = report.state_memory
+    parts = []
+    if memory is not None:
+        parts.append(
+            f"the scorer over {memory.stateful.events:,} events, each of a card not seen before,"
+            " so each history holds one transaction (the smallest a history can be)"
+        )
+        full = BenchOptions().state_cards
+        if report.quick and memory.cards != full:
+            parts.append(f"a quick run: {memory.cards:,} cards, not the full bench's {full:,}")
+    parts.append(
+        "MB: peak RSS (VmHWM) of a scorer process, or what a card store alone holds (in this"
+        " process, traced by tracemalloc) just restored from its changelog, and in use: every"
+        " card decoded, as its next record decodes it"
+    )
+    return "; ".join(parts)
+
+
+def _run_notes(runs: Sequence[Throughput]) -> list[str]:
+    return [f"{run.label} {run.guarantee} x{run.processes}: {run.note}" for run in runs if run.note]
+
+
+def _breakdown_note(report: Report) -> str:
+    note = (
+        f"{report.breakdown_records:,} records in batches of "
+        f"{report.config.get('batch_size', '?')}, in process; CPU: the loop's thread only"
+    )
+    if report.breakdown_cards:
+        note += (
+            f"; card state built from {report.breakdown_history_days:g} days of the synthetic"
+            f" world before them: {report.breakdown_cards:,} cards in the timed records,"
+            f" {report.breakdown_with_history:.0%} of those records with a history"
+        )
+    return note
+
+
 def _latency_footnotes(report: Report) -> list[str]:
     notes = []
     for run in report.latency:
@@ -387,11 +615,7 @@ def _sections(report: Report) -> list[_Section]:
                 "peak RSS MB",
             ],
             _throughput_rows(report),
-            [
-                f"{run.name} {run.guarantee} x{run.processes}: {run.note}"
-                for run in report.throughput
-                if run.note
-            ],
+            _run_notes(report.throughput),
         ),
         _Section(
             "Latency",
@@ -404,9 +628,41 @@ def _sections(report: Report) -> list[_Section]:
             _latency_footnotes(report),
         ),
         _Section(
+            "State restore",
+            "one more scorer joins the group of a finished stateful run, with nothing left to"
+            " consume, and restores the run's card state from its changelog; figures from its"
+            ' "state restored" log line',
+            [
+                "changelog of",
+                "changelog records",
+                "records applied",
+                "keys",
+                "seconds",
+                "records/s",
+                "peak RSS MB",
+            ],
+            _restore_rows(report),
+            [
+                f"{restore.source}: {restore.note}"
+                for restore in (
+                    report.restore,
+                    None if report.state_memory is None else report.state_memory.restore,
+                )
+                if restore is not None and restore.note
+            ],
+        ),
+        _Section(
+            "State memory",
+            _memory_note(report),
+            ["measure", "cards", "events", "events/s", "MB", "bytes per card"],
+            _memory_rows(report),
+            []
+            if report.state_memory is None
+            else _run_notes([report.state_memory.stateful, report.state_memory.stateless]),
+        ),
+        _Section(
             "Hot loop cost per record",
-            f"{report.breakdown_records:,} records in batches of "
-            f"{config.get('batch_size', '?')}, in process; CPU: the loop's thread only",
+            _breakdown_note(report),
             ["stage", "wall us/record", "CPU us/record", "CPU share"],
             _breakdown_rows(report),
         ),
@@ -467,9 +723,24 @@ def report_to_json(report: Report) -> dict[str, Any]:
         shown["events_per_second"] = run.events_per_second
     for latency, shown in zip(report.latency, data["latency"], strict=True):
         shown["missing"] = latency.missing
+    if report.restore is not None:
+        data["restore"]["records_per_second"] = report.restore.records_per_second
+    memory = report.state_memory
+    if memory is not None:
+        shown_memory = data["state_memory"]
+        shown_memory["bytes_per_card"] = memory.bytes_per_card
+        shown_memory["stateful"]["events_per_second"] = memory.stateful.events_per_second
+        shown_memory["stateless"]["events_per_second"] = memory.stateless.events_per_second
+        if memory.restore is not None:
+            shown_memory["restore"]["records_per_second"] = memory.restore.records_per_second
+    for held, shown in zip(report.held_state, data["held_state"], strict=True):
+        shown["bytes_per_card"] = held.bytes_per_card
     shown_breakdown = data.pop("breakdown")
     data["breakdown"] = {
         "records": data.pop("breakdown_records"),
+        "cards": data.pop("breakdown_cards"),
+        "with_history": data.pop("breakdown_with_history"),
+        "history_days": data.pop("breakdown_history_days"),
         "stages": shown_breakdown,
         "total_micros_per_record": sum(c.micros_per_record for c in report.breakdown),
         "total_cpu_micros_per_record": sum(c.cpu_micros_per_record for c in report.breakdown),
