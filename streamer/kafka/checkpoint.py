@@ -78,6 +78,7 @@ class Checkpoint(ABC):
         self._changelogs = tuple(changelogs)
         self._interval = interval
         self._tracker = DeliveryTracker()
+        self._last_commit = time.monotonic()
         self._swept_at: dict[tuple[str, int], int] = {}
         self.callback_error: BaseException | None = None
         """An error met inside a rebalance callback, for the loop to raise."""
@@ -193,16 +194,8 @@ class Checkpoint(ABC):
 class AtLeastOnce(Checkpoint):
     """Changelog flushed with the outputs, then offsets committed, every `interval` seconds."""
 
-    def __init__(
-        self,
-        consumer: Consumer,
-        producer: OutputProducer,
-        changelogs: Sequence[Changelog],
-        interval: float,
-    ) -> None:
-        super().__init__(consumer, producer, changelogs, interval)
-        self._last_commit = time.monotonic()
-        self._uncommitted = False
+    _uncommitted = False
+    """Outputs were produced since the last commit."""
 
     def outputs(
         self,

@@ -61,11 +61,11 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import confluent_kafka
 
@@ -802,28 +802,34 @@ def scorer_garbage_collector() -> Iterator[None]:
         gc.set_threshold(*threshold)
 
 
-def median_run(runs: Sequence[Throughput]) -> Throughput:
-    """The run with the median events/s (the lower of the middle two), noting the others."""
-    ranked = sorted(runs, key=lambda run: run.events_per_second)
+_Measured = TypeVar("_Measured", Throughput, Restore)
+
+
+def _median(items: Sequence[_Measured], rate: Callable[[_Measured], float], what: str) -> _Measured:
+    """The item with the median `rate` (the lower of the middle two), noting the others'.
+
+    `what` names the items and the rate's unit in the note, e.g. "runs", "events/s".
+    """
+    ranked = sorted(items, key=rate)
     chosen = ranked[(len(ranked) - 1) // 2]
     if len(ranked) < 2:
         return chosen
-    rates = ", ".join(f"{run.events_per_second:,.0f}" for run in runs)
-    spread = f"median of {len(runs)} runs ({rates} events/s)"
+    noun, unit = what.split(" ", 1)
+    rates = ", ".join(f"{rate(item):,.0f}" for item in items)
+    spread = f"median of {len(items)} {noun} ({rates} {unit})"
     return replace(chosen, note="; ".join(filter(None, [spread, chosen.note])))
+
+
+def median_run(runs: Sequence[Throughput]) -> Throughput:
+    """The run with the median events/s (the lower of the middle two), noting the others."""
+    return _median(runs, lambda run: run.events_per_second, "runs events/s")
 
 
 def median_restore(restores: Sequence[Restore]) -> Restore | None:
     """The restore with the median records/s (the lower of the middle two), noting the others."""
     if not restores:
         return None
-    ranked = sorted(restores, key=lambda restore: restore.records_per_second)
-    chosen = ranked[(len(ranked) - 1) // 2]
-    if len(ranked) < 2:
-        return chosen
-    rates = ", ".join(f"{restore.records_per_second:,.0f}" for restore in restores)
-    spread = f"median of {len(restores)} restores ({rates} records/s)"
-    return replace(chosen, note="; ".join(filter(None, [spread, chosen.note])))
+    return _median(restores, lambda restore: restore.records_per_second, "restores records/s")
 
 
 @contextlib.contextmanager
