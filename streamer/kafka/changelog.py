@@ -43,6 +43,13 @@ RESTORE_BATCH: Final = 10_000
 """Changelog records taken per consume call while restoring."""
 PROGRESS_SECONDS: Final = 5.0
 """Seconds between restore progress log lines."""
+REASSIGN_SECONDS: Final = 0.5
+"""Wait before reading a changelog partition again that the reader did not know yet."""
+_NOT_KNOWN_YET: Final = frozenset(
+    {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
+)
+"""Errors of a reader whose metadata does not have a topic created moments ago: it would wait
+for that partition's end for ever, so the partition is assigned again (`Restorer.step`)."""
 
 
 def changelog_topic(group_id: str, store: str) -> str:
@@ -99,6 +106,7 @@ class Restorer:
         self._committed: dict[int, int | None] = {}
         """Partitions being restored → the input's committed offset (None: none committed)."""
         self._started = 0.0
+        self._reassign_at: float | None = None
         self._records = 0
         self._next_progress = 0.0
 
@@ -132,6 +140,7 @@ class Restorer:
     def cancel(self) -> None:
         """Stop restoring (the partitions were revoked)."""
         self._committed.clear()
+        self._reassign_at = None
         if self._consumer is not None:
             self._consumer.unassign()
 
@@ -144,6 +153,14 @@ class Restorer:
         deadline = time.monotonic() + seconds
         store, committed = self._store, self._committed
         while committed and time.monotonic() < deadline:
+            if self._reassign_at is not None and time.monotonic() >= self._reassign_at:
+                self._reassign_at = None
+                # Start the partitions not finished over: records applied twice converge.
+                for unfinished in committed:
+                    store.assign(unfinished)
+                consumer.assign(
+                    [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in committed]
+                )
             messages = consumer.consume(RESTORE_BATCH, 0.05)
             self._errors.raise_if_fatal()
             for message in messages:
@@ -158,6 +175,8 @@ class Restorer:
                         continue
                     if error.fatal():
                         raise KafkaFatalError(f"changelog reader: {error.str()}")
+                    if error.code() in _NOT_KNOWN_YET and self._reassign_at is None:
+                        self._reassign_at = time.monotonic() + REASSIGN_SECONDS
                     log.warning("changelog reader error", error=error.str())
                     continue
                 if partition not in committed:
