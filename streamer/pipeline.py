@@ -113,9 +113,10 @@ class Pipeline:
         if laps is not None:
             laps.lap("predict")
         threshold = scorer.threshold
+        score_list: list[float] = scores.tolist()
         encoded = encode_verdicts(
             batch,
-            scores.tolist(),
+            score_list,
             threshold=threshold,
             model_name=scorer.name,
             model_version=scorer.version,
@@ -124,7 +125,7 @@ class Pipeline:
         verdicts: list[bytes | None] = [None] * len(values)
         errors: dict[int, RecordError] = dict(batch.errors)
         flagged = 0
-        for index, score, value in zip(batch.indexes, scores.tolist(), encoded, strict=True):
+        for index, score, value in zip(batch.indexes, score_list, encoded, strict=True):
             if not 0.0 <= score <= 1.0:  # also catches NaN
                 errors[index] = ScoreError(f"model returned score {score!r}")
                 continue
