@@ -212,6 +212,9 @@ class Settings(BaseSettings):
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed" if self.exactly_once else "read_uncommitted",
+            # A restore ends at the first empty fetch of each partition (its end of partition):
+            # the broker's default wait for data (500 ms) would be added to every restore.
+            "fetch.wait.max.ms": 10,
         }
         config.update(self._common())
         return config

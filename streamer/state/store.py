@@ -243,14 +243,20 @@ class KeyedStore(Generic[V]):
 
     # -- restore -------------------------------------------------------------------------------
 
-    def restore(self, partition: int, key: str, value: bytes | None) -> None:
-        """Apply one changelog record (None: a tombstone); decoded when first used."""
+    def restore(self, partition: int, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Apply changelog records in log order: (UTF-8 key, value or None for a tombstone).
+
+        A value is kept as bytes and decoded when its key is first used."""
         part = self._partitions[partition]
-        part.values.pop(key, None)
-        if value is None:
-            part.raw.pop(key, None)
-        else:
-            part.raw[key] = value
+        raw, values = part.raw, part.values
+        if values:
+            for key, _ in records:
+                values.pop(key.decode(), None)
+        for key, value in records:
+            if value is None:
+                raw.pop(key.decode(), None)
+            else:
+                raw[key.decode()] = value
 
     def restored(self, partition: int, position: int | None) -> None:
         """The partition's changelog is read: its state covers input offsets before `position`."""

@@ -103,20 +103,27 @@ class TestRestore:
     def test_restore_applies_values_and_tombstones(self, store: KeyedStore[list[int]]) -> None:
         """Changelog records replace values; a tombstone deletes; the position is as given."""
         store.assign(0)
-        store.restore(0, "a", b"[1]")
-        store.restore(0, "b", b"[2]")
-        store.restore(0, "a", None)
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
+        store.restore(0, [(b"a", None), ("\u00e9".encode(), b"[3]")])
         store.restored(0, 42)
-        assert store.values(0) == {"b": [2]}
+        assert store.values(0) == {"b": [2], "\u00e9": [3]}
         assert store.position(0) == 42
         store.rollback()
         assert store.position(0) == 42
 
+    def test_a_later_record_replaces_a_decoded_value(self, store: KeyedStore[list[int]]) -> None:
+        """A partition read again from the start (its reader had to be reassigned) ends with
+        the changelog's latest values, whether or not a value was decoded meanwhile."""
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
+        assert store.checkout([0], ["a"]) == {"a": [1]}
+        store.restore(0, [(b"a", b"[5]"), (b"b", None)])
+        store.restored(0, 7)
+        assert store.values(0) == {"a": [5]}
+
     def test_values_are_decoded_when_first_used(self, store: KeyedStore[list[int]]) -> None:
         """A restored value stays bytes until a record of its key needs it; unused, it is
         written back unchanged."""
-        store.restore(0, "a", b"[1]")
-        store.restore(0, "b", b"[2]")
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
         store.restored(0, 5)
         assert len(store) == 2
         view = store.checkout([0], ["a"])
@@ -125,6 +132,6 @@ class TestRestore:
 
     def test_bad_bytes_stop_the_scorer_naming_the_key(self, store: KeyedStore[list[int]]) -> None:
         """Bytes the codec cannot read are an error, not a silent empty state."""
-        store.restore(0, "a", b"not json")
+        store.restore(0, [(b"a", b"not json")])
         with pytest.raises(StateCorruptError, match="partition 0, key 'a'"):
             store.checkout([0], ["a"])

@@ -112,7 +112,7 @@ def time_hot_loop(
                 restored.add(key)
                 card = key.decode()
                 if card in state:
-                    store.restore(partition, card, state[card])
+                    store.restore(partition, [(key, state[card])])
     for partition in store.partitions:
         store.values(partition)  # decodes whatever the restore kept as bytes
     for batch in batches:
@@ -201,7 +201,7 @@ def held_state_bytes(records: Sequence[Mapping[str, Any]], batch_size: int) -> t
         before = tracemalloc.get_traced_memory()[0]
         store.assign(partition)
         for key, value in changelog:
-            store.restore(partition, key.decode(), bytes(value))
+            store.restore(partition, [(bytes(key), bytes(value))])
         store.restored(partition, len(records))
         gc.collect()
         restored = tracemalloc.get_traced_memory()[0] - before
