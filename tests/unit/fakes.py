@@ -55,7 +55,8 @@ class DeliveredMessage:
 class RecordingProducer:
     """Stands in for OutputProducer: keeps what is produced, reports it on poll or flush.
 
-    Outputs to a topic in `refuse` are reported failed with `refuse_error`; `events`, when
+    Outputs to a topic in `refuse` are reported failed with `refuse_error`, those to a topic in
+    `hold` are not reported until it no longer holds them; `events`, when
     given, receives ("produce", topic) per record, to check the order of a checkpoint's steps.
     """
 
@@ -63,6 +64,7 @@ class RecordingProducer:
     pending: list[tuple[Callable[[Any, Any], None], Produced]] = field(default_factory=list)
     errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
     refuse: set[str] = field(default_factory=set)
+    hold: set[str] = field(default_factory=set)
     refuse_error: KafkaError = field(
         default_factory=lambda: KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
     )
@@ -85,7 +87,8 @@ class RecordingProducer:
             self.pending.append((on_delivery, record))
 
     def poll(self, timeout: float = 0.0) -> None:
-        pending, self.pending = self.pending, []
+        pending = [(c, r) for c, r in self.pending if r.topic not in self.hold]
+        self.pending = [(c, r) for c, r in self.pending if r.topic in self.hold]
         for callback, record in pending:
             message = DeliveredMessage(
                 record.topic, record.partition or 0, record.key, record.value
@@ -97,7 +100,7 @@ class RecordingProducer:
         if self.events is not None:
             self.events.append(("flush",))
         self.poll()
-        return 0
+        return len(self.pending)
 
     def __len__(self) -> int:
         return len(self.pending)
