@@ -25,7 +25,7 @@ from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     RandomForestClassifier,
 )
-from sklearn.impute import SimpleImputer
+from sklearn.impute import MissingIndicator, SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -35,7 +35,12 @@ from threadpoolctl import threadpool_limits
 from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, main
 from streamer.errors import ConfigError, ModelRefusedError
 from streamer.features import FEATURE_ORDER, build_features
-from streamer.model.artifact import card_path_for, load_model
+from streamer.model.artifact import (
+    CLASSIFIER_TYPES,
+    PREPROCESSING_TYPES,
+    card_path_for,
+    load_model,
+)
 from streamer.model.importer import SAMPLE_SIZE, import_model, read_labelled_csv
 from streamer.model.scorer import Scorer
 from streamer.model.train import _max_f1_threshold
@@ -221,6 +226,55 @@ class TestImportFamilies:
         source = _dump(_fit(FAMILIES["hgb"](), labelled), tmp_path / "model.pkl")
 
         assert import_model(source, tmp_path / "m.skops", threshold=0.3).warnings == []
+
+
+SMALL_CLASSIFIERS: dict[type, Callable[[], Any]] = {
+    HistGradientBoostingClassifier: lambda: HistGradientBoostingClassifier(max_iter=5),
+    RandomForestClassifier: lambda: RandomForestClassifier(n_estimators=3, max_depth=3),
+    ExtraTreesClassifier: lambda: ExtraTreesClassifier(n_estimators=3, max_depth=3),
+    LogisticRegression: lambda: LogisticRegression(max_iter=50),
+}
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+class TestTrustedTypes:
+    def test_every_family_is_tried(self) -> None:
+        """The tests below cover every supported classifier."""
+        assert set(SMALL_CLASSIFIERS) == set(CLASSIFIER_TYPES)
+
+    @pytest.mark.parametrize("family", list(CLASSIFIER_TYPES), ids=lambda cls: cls.__name__)
+    def test_classifier_needs_exactly_its_reviewed_types(
+        self, family: type, labelled: Labelled
+    ) -> None:
+        """A fitted model of each family needs exactly the types listed for it: no spare trust."""
+        _, features, labels = labelled
+        if family is LogisticRegression:  # the one family that needs its NaN imputed
+            features = np.nan_to_num(features, posinf=0.0)
+        model = SMALL_CLASSIFIERS[family]().fit(features, labels)
+
+        untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+
+        assert set(untrusted) == CLASSIFIER_TYPES[family]
+
+    @pytest.mark.parametrize("step", list(PREPROCESSING_TYPES), ids=lambda cls: cls.__name__)
+    def test_preprocessing_needs_exactly_its_reviewed_types(
+        self, step: type, labelled: Labelled
+    ) -> None:
+        """A fitted preprocessing step of each kind needs exactly the types listed for it."""
+        _, features, labels = labelled
+        if step is ColumnTransformer:
+            model = ColumnTransformer(
+                [("codes", OneHotEncoder(handle_unknown="ignore"), CATEGORY_COLUMNS)],
+                remainder="passthrough",
+            )
+        else:
+            model = step()
+        if step not in (SimpleImputer, MissingIndicator, OneHotEncoder, ColumnTransformer):
+            features = np.nan_to_num(features, posinf=0.0)
+
+        untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model.fit(features, labels)))
+
+        assert set(untrusted) == PREPROCESSING_TYPES[step]
 
 
 class TestImportRefusals:
