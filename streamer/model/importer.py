@@ -43,6 +43,7 @@ import csv
 import hashlib
 import io
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from streamer.model.artifact import (
     TRUSTED_TYPES,
     ModelCard,
     UnsupportedModelError,
+    card_path_for,
     check_fitted_binary,
     check_supported,
     describe_model,
@@ -228,10 +230,27 @@ def _import(
             "warnings": notes,
         },
     )
-    saved = save_model(restored, card, model_path)
-    # The pair as `streamer run` will see it: refused here rather than at the scorer's start.
-    load_model(model_path)
-    return ImportResult(saved, notes)
+    return ImportResult(_save_verified(restored, card, model_path), notes)
+
+
+def _save_verified(estimator: Any, card: ModelCard, model_path: Path) -> ModelCard:
+    """Save beside `model_path`, load it as `streamer run` will, then rename it into place.
+
+    A pair that `load_model` refuses never replaces the artefact already at `model_path`. The
+    artefact is renamed first, as `save_model` writes: a scorer racing the rename sees the old
+    pair, or a new artefact its old card refuses, never a torn file.
+    """
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = model_path.with_name(f".{model_path.stem}.import-{os.getpid()}{model_path.suffix}")
+    try:
+        saved = save_model(estimator, card, staged)
+        load_model(staged)
+        os.replace(staged, model_path)
+        os.replace(card_path_for(staged), card_path_for(model_path))
+    finally:
+        staged.unlink(missing_ok=True)
+        card_path_for(staged).unlink(missing_ok=True)
+    return saved
 
 
 def read_labelled_csv(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> LabelledFeatures:

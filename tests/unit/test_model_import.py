@@ -420,6 +420,29 @@ class TestImportRefusals:
 
         assert (target.read_bytes(), card_path_for(target).read_bytes()) == before
 
+    def test_pair_refused_at_load_is_not_put_in_place(
+        self, labelled: Labelled, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The written pair is loaded as `streamer run` would before it replaces anything."""
+        target = tmp_path / "m.skops"
+        source = _dump(_fit(FAMILIES["hgb"](), labelled), tmp_path / "a.pkl")
+        import_model(source, target, threshold=0.3)
+        before = target.read_bytes(), card_path_for(target).read_bytes()
+
+        def refuse(path: Path) -> None:
+            raise ModelRefusedError(f"refused {path.name}")
+
+        monkeypatch.setattr("streamer.model.importer.load_model", refuse)
+        with pytest.raises(ModelRefusedError, match=r"refused \.m\.import-"):
+            import_model(source, target, threshold=0.5)
+
+        assert (target.read_bytes(), card_path_for(target).read_bytes()) == before
+        assert sorted(path.name for path in tmp_path.iterdir()) == [
+            "a.pkl",
+            "m.card.json",
+            "m.skops",
+        ]
+
 
 class TestImportWithData:
     def test_threshold_maximises_f1_on_the_data(self, labelled: Labelled, tmp_path: Path) -> None:
@@ -514,6 +537,10 @@ class TestCommand:
 
         assert code == 0
         assert f"wrote {target}" in capsys.readouterr().out
+        assert sorted(path.name for path in target.parent.iterdir()) == [
+            "fraud-model.card.json",
+            "fraud-model.skops",
+        ]
         assert json.loads(card_path_for(target).read_text())["threshold"] == 0.35
 
     def test_refused_model_exits_three(self, labelled: Labelled, tmp_path: Path) -> None:
