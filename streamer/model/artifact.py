@@ -127,7 +127,7 @@ _FEATURES_HINT: Final = (
     " of this version with `streamer model import`"
 )
 _PICKLE_MAGIC: Final = b"\x80"
-"""First byte of a pickle (protocol 2 and later); joblib files start with it too."""
+"""First byte of a pickle (protocol 2 and later), and of an uncompressed joblib file."""
 
 
 class ModelCard(BaseModel):
