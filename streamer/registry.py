@@ -170,19 +170,18 @@ class RegistryDecoder:
         errors: list[tuple[int, RecordError]] = []
         indexes: list[int] = []
         rows: list[Row] = []
-        writers = self._writers
+        last_prefix = b""  # the common case: one writer for the whole batch, looked up once
+        writer = None
         for index, value in enumerate(values):
             if value is None or len(value) > max_bytes:
                 errors.append((index, unreadable(value, max_bytes)))
                 continue
             try:
                 if value[:1] == b"\x00" and len(value) >= PREFIX_BYTES:
-                    schema_id = int.from_bytes(value[1:PREFIX_BYTES], "big")
-                    writer = writers.get(schema_id)
-                    if writer is None or (
-                        writer.expires is not None and writer.expires <= self._clock()
-                    ):
-                        writer = self._fetch(schema_id)
+                    prefix = value[:PREFIX_BYTES]
+                    if prefix != last_prefix or writer is None:
+                        writer = self._writer(int.from_bytes(prefix[1:], "big"))
+                        last_prefix = prefix
                     row = writer.read(value)
                 elif value[:1] == b"\x01":
                     raise DecodeError(
@@ -198,6 +197,13 @@ class RegistryDecoder:
             indexes.append(index)
             rows.append(row)
         return validated_batch(indexes, rows, errors, keys)
+
+    def _writer(self, schema_id: int) -> Writer:
+        """The writer of `schema_id`: kept, or fetched now."""
+        writer = self._writers.get(schema_id)
+        if writer is None or (writer.expires is not None and writer.expires <= self._clock()):
+            writer = self._fetch(schema_id)
+        return writer
 
     def _fetch(self, schema_id: int) -> Writer:
         """Ask the registry for `schema_id` and keep the answer (an unknown id for a while)."""
