@@ -121,7 +121,7 @@ class TestSchemaRegistryInput:
                 STREAMER_SCHEMA_REGISTRY_URL=registry.url,
                 STREAMER_BATCH_SIZE="100",
             )
-            result = run_scorer(env)
+            result = run_scorer(env, until_idle=2.0)
             lookups = [path for method, path in registry.requests if "/schemas/ids/" in path]
         assert result.returncode == 0, result.stderr[-3000:]
         assert "schema registry unavailable, reading the batch again" in result.stderr
@@ -165,7 +165,7 @@ class TestSchemaRegistryInput:
             for record in records[10:]:
                 producer.send_raw(record["card_id"].encode(), encode_transaction(record))
             producer.flush()
-        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path))
+        result = run_scorer(scorer_env(bootstrap_servers, topics, model_path), until_idle=2.0)
         assert result.returncode == 0, result.stderr[-3000:]
         verdicts = _verdict_ids(read_all(bootstrap_servers, topics.output))
         assert set(verdicts) == {r["transaction_id"] for r in records[10:]}
