@@ -281,11 +281,15 @@ class ScoringApp:
             raise error
 
     def _idle_for(self, seconds: float, now: float, last_record: float) -> bool:
-        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending."""
+        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending.
+
+        A batch to be read again (the Schema Registry failed it) counts as consumed at the end
+        of its back-off.
+        """
         if self._assigned_at is None:
             idle_since = self._started + JOIN_GRACE_SECONDS
         else:
-            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0)
+            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0, self._retry_at)
         return (
             now - idle_since >= seconds
             and self.ready
