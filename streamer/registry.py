@@ -54,6 +54,8 @@ MAGIC_BYTE: Final = 0
 PREFIX_BYTES: Final = 5
 NOT_FOUND_TTL_SECONDS: Final = 60.0
 """How long an id the registry said it does not know is taken as unknown before asking again."""
+MAX_UNKNOWN_IDS: Final = 10_000
+"""Unknown ids remembered at most (values with random ids must not grow memory without end)."""
 CLIENT_CONFIG: Final = {
     # The client's default is no timeout at all: a registry that accepts the connection and never
     # answers would hang the scoring loop.
@@ -156,6 +158,9 @@ class RegistryDecoder:
         self._registry = registry
         self._clock = clock
         self._writers: dict[int, Writer] = {}
+        """Writers the registry gave, for the life of the decoder (a schema id never changes)."""
+        self._unknown: dict[int, Writer] = {}
+        """Ids the registry did not know, until their `expires`."""
 
     def decode_and_validate(
         self, values: Sequence[bytes | None], keys: Sequence[bytes | None], max_bytes: int
@@ -200,7 +205,7 @@ class RegistryDecoder:
 
     def _writer(self, schema_id: int) -> Writer:
         """The writer of `schema_id`: kept, or fetched now."""
-        writer = self._writers.get(schema_id)
+        writer = self._writers.get(schema_id) or self._unknown.get(schema_id)
         if writer is None or (writer.expires is not None and writer.expires <= self._clock()):
             writer = self._fetch(schema_id)
         return writer
@@ -219,7 +224,9 @@ class RegistryDecoder:
                     problem=f"schema id {schema_id} is not in the Schema Registry: {exc}",
                     expires=self._clock() + NOT_FOUND_TTL_SECONDS,
                 )
-                self._writers[schema_id] = writer
+                if len(self._unknown) >= MAX_UNKNOWN_IDS:
+                    self._unknown.clear()
+                self._unknown[schema_id] = writer
                 return writer
             raise SchemaRegistryUnavailableError(
                 f"the Schema Registry did not give schema id {schema_id}: {exc}"

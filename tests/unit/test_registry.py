@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from streamer.errors import DecodeError, SchemaRegistryUnavailableError, ValidationError
 from streamer.model.scorer import Scorer
-from streamer.registry import NOT_FOUND_TTL_SECONDS, RegistryDecoder, connect
+from streamer.registry import MAX_UNKNOWN_IDS, NOT_FOUND_TTL_SECONDS, RegistryDecoder, connect
 from streamer.serde import (
     TRANSACTION_SCHEMA,
     TransactionBatch,
@@ -240,6 +240,20 @@ class TestWriterSchemas:
         now[0] += NOT_FOUND_TTL_SECONDS
         decoder.decode_and_validate([value], [b"k"], MAX_BYTES)
         assert registry.lookups == [4242, 4242]
+
+    def test_unknown_ids_are_remembered_within_a_bound(self) -> None:
+        """Values with ever new random ids: each asked once, the memory of them bounded."""
+        registry = CountingRegistry(_mock_registry())
+        decoder = RegistryDecoder(registry)
+        body = encode_transaction(_records(1)[0])
+        values: list[bytes | None] = [
+            b"\x00" + schema_id.to_bytes(4, "big") + body
+            for schema_id in range(1000, 1000 + MAX_UNKNOWN_IDS + 5)
+        ]
+        batch = decoder.decode_and_validate(values, [b"k"] * len(values), MAX_BYTES)
+        assert batch.indexes == []
+        assert len(registry.lookups) == len(values)
+        assert len(decoder._unknown) <= MAX_UNKNOWN_IDS  # the bound is the behaviour under test
 
     @pytest.mark.parametrize(
         "failure",
