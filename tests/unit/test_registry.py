@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import fastavro
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
@@ -74,6 +76,14 @@ def _incompatible() -> dict[str, Any]:
     return schema
 
 
+def _no_logical_types(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _no_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_no_logical_types(item) for item in schema]
+    return schema
+
+
 def _same(batch: TransactionBatch, expected: TransactionBatch) -> None:
     """Same good records, columns and verdict bytes, same errors."""
     assert batch.indexes == expected.indexes
@@ -121,7 +131,7 @@ class TestFramedInput:
         _same(batch, decode_and_validate(plain, _keys(records), MAX_BYTES))
         assert len(batch.indexes) == 40
         [fetched] = [entry for entry in logs if entry["event"] == "writer schema fetched"]
-        assert fetched["fast_path"] is True
+        assert fetched["read_by"] == "serde"
 
     def test_evolved_writer_decodes_with_defaults(self) -> None:
         """A writer with a new optional field, one optional field fewer and reordered fields."""
@@ -135,11 +145,40 @@ class TestFramedInput:
         with capture_logs() as logs:
             batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
         [fetched] = [entry for entry in logs if entry["event"] == "writer schema fetched"]
-        assert fetched["fast_path"] is False
+        assert fetched["read_by"] == "projection"
         expected = [{**r, "card_avg_amount": None} for r in records]
         plain = [encode_transaction(r) for r in expected]
         _same(batch, decode_and_validate(plain, _keys(records), MAX_BYTES))
         assert batch.records == expected
+
+    def test_writer_with_promoted_types_is_resolved(self) -> None:
+        """amount as a float and card_present moved: Avro promotes float to double."""
+        client = _mock_registry()
+        records = [{**r, "amount": 12.5} for r in _records(5)]
+        schema = _evolved()
+        for field in schema["fields"]:
+            if field["name"] == "amount":
+                field["type"] = "float"
+        framed = _framed(client, schema, [{**r, "device_id": None} for r in records])
+        with capture_logs() as logs:
+            batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
+        [fetched] = [entry for entry in logs if entry["event"] == "writer schema fetched"]
+        assert fetched["read_by"] == "resolution"
+        assert batch.records == [{**r, "card_avg_amount": None} for r in records]
+
+    def test_projection_reads_as_resolution_does(self) -> None:
+        """For a writer read by projection, the records equal fastavro's resolution of them."""
+        client = _mock_registry()
+        records = _records(50)
+        schema = _evolved()
+        framed = _framed(client, schema, [{**r, "device_id": "x"} for r in records])
+        batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
+        writer = fastavro.parse_schema(_no_logical_types(schema))
+        reader = fastavro.parse_schema(_no_logical_types(TRANSACTION_SCHEMA))
+        resolved = [
+            fastavro.schemaless_reader(io.BytesIO(value[5:]), writer, reader) for value in framed
+        ]
+        assert batch.records == resolved
 
     def test_incompatible_writer_is_a_decode_error_naming_the_schema_id(self) -> None:
         """A writer whose amount is a string: each of its records is dead-lettered, by id."""
