@@ -24,7 +24,13 @@ from typing import Any, Final
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from streamer.errors import FencedError, KafkaFatalError, RecordError
+from streamer.errors import (
+    ConfigError,
+    FencedError,
+    KafkaFatalError,
+    RecordError,
+    SchemaRegistryUnavailableError,
+)
 from streamer.headers import (
     CONSUMER_GROUP,
     ERROR_CAUSE,
@@ -48,7 +54,8 @@ from streamer.kafka.clients import (
 from streamer.kafka.delivery import DeliveryCallback, Source
 from streamer.kafka.transactions import Transactions
 from streamer.model.scorer import Scorer
-from streamer.pipeline import Histories, Pipeline
+from streamer.pipeline import BatchDecoder, Histories, Pipeline
+from streamer.serde import decode_and_validate
 from streamer.settings import Settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
@@ -64,6 +71,8 @@ CARD_STORE: Final = "card-state"
 """The card history store; its changelog is `<group id>-card-state-changelog`."""
 RESTORE_STEP_SECONDS: Final = 0.2
 """Changelog reading per loop turn while restoring (the consumer is polled between steps)."""
+REGISTRY_BACKOFF_SECONDS: Final = (0.5, 30.0)
+"""First and longest wait before a batch the Schema Registry failed is read again; doubles."""
 
 
 @dataclass(slots=True)
@@ -158,6 +167,9 @@ class ScoringApp:
         self._to_restore: list[TopicPartition] = []
         self._restoring: dict[int, TopicPartition] = {}
         self._stop_signal: str | None = None
+        self._retry_at = 0.0
+        """Monotonic time before which nothing is polled (the Schema Registry failed a batch)."""
+        self._retry_wait = REGISTRY_BACKOFF_SECONDS[0]
 
     @classmethod
     def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
@@ -174,7 +186,9 @@ class ScoringApp:
             changelogs.append(Changelog(store, store_topic))
             restorer = Restorer(settings.changelog_reader_config(), store, store_topic)
             state = CardState(store, restorer)
-        pipeline = Pipeline(scorer, max_event_bytes=settings.max_event_bytes)
+        pipeline = Pipeline(
+            scorer, max_event_bytes=settings.max_event_bytes, decode=_input_decoder(settings)
+        )
         consumer_errors = ClientErrors("consumer")
         consumer = create_consumer(settings.consumer_config(), consumer_errors)
         checkpoint: Checkpoint
@@ -233,7 +247,12 @@ class ScoringApp:
             while not self._stopping:
                 self._restore()
                 timeout = 0.0 if self._restoring else settings.poll_timeout
-                messages = poll_batch(self._consumer, settings.batch_size, timeout)
+                wait = self._retry_at - time.monotonic()
+                if wait > 0:  # the Schema Registry failed the last batch: give it time
+                    time.sleep(min(wait, settings.poll_timeout))
+                    messages = []
+                else:
+                    messages = poll_batch(self._consumer, settings.batch_size, timeout)
                 self._raise_pending()
                 if messages:
                     self.process(messages)
@@ -262,11 +281,15 @@ class ScoringApp:
             raise error
 
     def _idle_for(self, seconds: float, now: float, last_record: float) -> bool:
-        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending."""
+        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending.
+
+        A batch to be read again (the Schema Registry failed it) counts as consumed at the end
+        of its back-off.
+        """
         if self._assigned_at is None:
             idle_since = self._started + JOIN_GRACE_SECONDS
         else:
-            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0)
+            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0, self._retry_at)
         return (
             now - idle_since >= seconds
             and self.ready
@@ -323,18 +346,23 @@ class ScoringApp:
             consumed.append(message)
         if not consumed:
             return
-        self.counters.consumed += len(consumed)
         keys = [message.key() for message in consumed]
         sources = [_source(message) for message in consumed]
         values = [message.value() for message in consumed]
         store = self._state.store
-        if store is None:
-            scored = self._pipeline.process(values, keys, Histories())
-        else:
-            state = BatchState(store, [partition for _, partition, _ in sources])
-            scored = self._pipeline.process(values, keys, state)
-            columns = scored.batch.columns
-            state.checkin(columns["card_id"], columns["event_time"], sources)
+        try:
+            if store is None:
+                scored = self._pipeline.process(values, keys, Histories())
+            else:
+                state = BatchState(store, [partition for _, partition, _ in sources])
+                scored = self._pipeline.process(values, keys, state)
+                columns = scored.batch.columns
+                state.checkin(columns["card_id"], columns["event_time"], sources)
+        except SchemaRegistryUnavailableError as exc:
+            self._read_again_later(sources, exc)
+            return
+        self._retry_wait = REGISTRY_BACKOFF_SECONDS[0]
+        self.counters.consumed += len(consumed)
         try:
             self._publish(consumed, keys, sources, scored.verdicts, scored.errors)
         except KafkaException as exc:
@@ -342,6 +370,30 @@ class ScoringApp:
             return
         self._checkpoint.processed(sources)
         self.counters.flagged += scored.flagged
+
+    def _read_again_later(
+        self, sources: Sequence[Source], error: SchemaRegistryUnavailableError
+    ) -> None:
+        """Seek back to the batch's first records and wait before polling again.
+
+        The pipeline raised before it touched the state and nothing of the batch was produced,
+        so the batch is simply read again: its records are not dead-lettered for the registry's
+        fault, and under exactly-once the open transaction holds only earlier batches.
+        """
+        first: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in sources:
+            first.setdefault((topic, partition), offset)
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        wait = self._retry_wait
+        self._retry_at = time.monotonic() + wait
+        self._retry_wait = min(wait * 2, REGISTRY_BACKOFF_SECONDS[1])
+        log.warning(
+            "schema registry unavailable, reading the batch again",
+            error=str(error),
+            retry_in_seconds=wait,
+            records=len(sources),
+        )
 
     def _publish(
         self,
@@ -478,6 +530,19 @@ class ScoringApp:
             **counters.as_dict(),
         )
         return now, counters.consumed
+
+
+def _input_decoder(settings: Settings) -> BatchDecoder:
+    """Plain Avro of `transaction.avsc`, or, with a Schema Registry, its wire format too."""
+    url = settings.schema_registry_url
+    if url is None:
+        return decode_and_validate
+    from streamer.registry import connect
+
+    try:
+        return connect(url).decode_and_validate
+    except (ValueError, TypeError) as exc:  # the client's own check of the URL
+        raise ConfigError(f"STREAMER_SCHEMA_REGISTRY_URL: {exc}") from None
 
 
 def _source(message: KafkaMessage) -> Source:

@@ -15,7 +15,7 @@ model fails on has already been added (it happened, whatever its score).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +53,12 @@ class Histories:
         return self.histories
 
 
+BatchDecoder = Callable[[Sequence[bytes | None], Sequence[bytes | None], int], TransactionBatch]
+"""Values, keys and the size limit in, a decoded and validated batch out
+(`serde.decode_and_validate`, or `registry.RegistryDecoder.decode_and_validate` for a topic
+written through a Schema Registry)."""
+
+
 class Laps(Protocol):
     """Receives the end of each stage (the bench's breakdown times the pipeline with it)."""
 
@@ -83,9 +89,16 @@ class Scored:
 class Pipeline:
     """Scores batches of Avro-encoded transactions with one model; not thread-safe."""
 
-    def __init__(self, scorer: Scorer, *, max_event_bytes: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_event_bytes: int,
+        decode: BatchDecoder = decode_and_validate,
+    ) -> None:
         self.scorer = scorer
         self._max_event_bytes = max_event_bytes
+        self._decode = decode
 
     def process(
         self,
@@ -99,10 +112,11 @@ class Pipeline:
         """Score record i = (`values[i]`, `keys[i]`) for every i, with the histories of `state`.
 
         `scored_at` (ms) goes in every verdict; default now. Never raises for a bad record: its
-        error is in `Scored.errors` and its verdict is None.
+        error is in `Scored.errors` and its verdict is None. What the decoder raises for the
+        whole batch (`SchemaRegistryUnavailableError`) it raises before `state` is touched.
         """
         scorer = self.scorer  # read once: a batch is scored by one model throughout
-        batch = decode_and_validate(values, keys, self._max_event_bytes)
+        batch = self._decode(values, keys, self._max_event_bytes)
         if laps is not None:
             laps.lap("decode")
         histories = state.checkout(batch.indexes, batch.columns["card_id"])

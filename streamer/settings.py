@@ -15,6 +15,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import Field, SecretStr, field_validator
@@ -123,8 +124,32 @@ class Settings(BaseSettings):
     `transaction.timeout.ms`; two live processes must never share one.
     """
 
+    schema_registry_url: str | None = None
+    """Confluent Schema Registry for the input: values in its wire format (magic byte 0, schema
+    id, Avro body) are read with the writer schema it names, resolved to `transaction.avsc`.
+    `http(s)://[user:password@]host[:port]` (several comma-separated), or `mock://name` for the
+    client's in-process mock. Unset: values are plain Avro of `transaction.avsc`."""
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _valid_registry_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():  # set but empty, as compose files do: unset
+            return None
+        for url in value.split(","):
+            parsed = urlsplit(url.strip())
+            if parsed.scheme not in {"http", "https", "mock"} or not parsed.hostname:
+                raise ValueError(
+                    "a Schema Registry URL is http://host[:port], https://... or mock://name "
+                    "(several separated by commas)"
+                )
+            try:
+                parsed.port  # noqa: B018 (reading it checks it)
+            except ValueError as exc:
+                raise ValueError(f"a Schema Registry URL with a bad port: {exc}") from None
+        return value
 
     @field_validator("input_topic", "output_topic", "dlq_topic")
     @classmethod
@@ -278,6 +303,8 @@ class Settings(BaseSettings):
     def loggable(self) -> dict[str, Any]:
         """The configuration without secrets: pass-through Kafka values are masked."""
         shown = self.model_dump(exclude={"kafka"}, mode="json")
+        if self.schema_registry_url is not None:
+            shown["schema_registry_url"] = _mask_userinfo(self.schema_registry_url)
         shown["kafka"] = {key: _mask(key, secret) for key, secret in self.kafka.items()}
         return shown
 
@@ -286,6 +313,11 @@ def _mask(key: str, secret: SecretStr) -> str:
     if any(hint in key for hint in _SECRET_HINTS) or key.startswith("sasl."):
         return "**********"
     return secret.get_secret_value()
+
+
+def _mask_userinfo(urls: str) -> str:
+    """`https://user:password@host` → `https://**********@host` (the credentials stay secret)."""
+    return ",".join(re.sub(r"(?<=://)[^/@]*@", "**********@", url) for url in urls.split(","))
 
 
 def kafka_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -324,6 +356,8 @@ def _describe(exc: pydantic.ValidationError, flags: Mapping[str, Any]) -> str:
             source = f"{ENV_PREFIX}{field.upper()}"
         message = error["msg"].removeprefix("Value error, ")
         value = error.get("input")
+        if field == "schema_registry_url" and isinstance(value, str):
+            value = _mask_userinfo(value)
         got = "" if field == "kafka" or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{source}: {message}{got}" if source else message)
     return "invalid configuration: " + "; ".join(lines)

@@ -14,7 +14,8 @@ from streamer.headers import Headers, header_map
 from streamer.kafka.checkpoint import AtLeastOnce, Changelog
 from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.model.scorer import Scorer
-from streamer.pipeline import Pipeline
+from streamer.pipeline import BatchDecoder, Pipeline
+from streamer.serde import decode_and_validate
 from streamer.settings import Settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
@@ -196,7 +197,10 @@ class AppRig:
 
 
 def app_on_fakes(
-    scorer: Scorer, settings: Settings, producer: RecordingProducer | None = None
+    scorer: Scorer,
+    settings: Settings,
+    producer: RecordingProducer | None = None,
+    decode: BatchDecoder = decode_and_validate,
 ) -> AppRig:
     """A scorer (at-least-once, committing at every turn) owning partitions 0-2, on fakes.
 
@@ -215,7 +219,7 @@ def app_on_fakes(
     )
     app = ScoringApp(
         settings,
-        Pipeline(scorer, max_event_bytes=settings.max_event_bytes),
+        Pipeline(scorer, max_event_bytes=settings.max_event_bytes, decode=decode),
         cast(Consumer, consumer),
         ClientErrors("consumer"),
         cast(OutputProducer, producer),
