@@ -54,7 +54,10 @@ class Histories:
 
 
 class Laps(Protocol):
-    """Receives the end of each stage (the bench's breakdown times the pipeline with it)."""
+    """Receives the end of each stage: decode, validate, features, predict, encode.
+
+    The bench's breakdown and the scorer's metrics time the pipeline with it.
+    """
 
     def lap(self, stage: str) -> None: ...
 
@@ -102,9 +105,11 @@ class Pipeline:
         error is in `Scored.errors` and its verdict is None.
         """
         scorer = self.scorer  # read once: a batch is scored by one model throughout
-        batch = decode_and_validate(values, keys, self._max_event_bytes)
+        batch = decode_and_validate(
+            values, keys, self._max_event_bytes, lap=None if laps is None else laps.lap
+        )
         if laps is not None:
-            laps.lap("decode")
+            laps.lap("validate")
         histories = state.checkout(batch.indexes, batch.columns["card_id"])
         features = build_features_from_columns(batch.columns, histories)
         if laps is not None:

@@ -21,7 +21,7 @@ import copy
 import io
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -355,7 +355,11 @@ class TransactionBatch:
 
 
 def decode_and_validate(
-    values: Sequence[bytes | None], keys: Sequence[bytes | None], max_bytes: int
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None],
+    max_bytes: int,
+    *,
+    lap: Callable[[str], None] | None = None,
 ) -> TransactionBatch:
     """Decode and validate a polled batch: `values[i]` and `keys[i]` are record i's value and key.
 
@@ -364,7 +368,8 @@ def decode_and_validate(
     record gets exactly the error that sequence raises (class, reason and cause); the good ones
     come back as columns (see `TransactionBatch`), ready for
     `features.build_features_from_columns` and `encode_verdicts`. Raises nothing for bad
-    records; `ValueError` if `values` and `keys` differ in length.
+    records; `ValueError` if `values` and `keys` differ in length. `lap("decode")` is called
+    once decoding is done, before validation (the pipeline's stage timing).
     """
     if len(values) != len(keys):
         raise ValueError(f"{len(values)} values but {len(keys)} keys")
@@ -395,6 +400,8 @@ def decode_and_validate(
 
     good_keys = [keys[i] for i in indexes]
     columns, wire = _transpose(rows)
+    if lap is not None:
+        lap("decode")
     invalid: set[int] = set()
     for position in screen_transactions(columns, good_keys):
         record = dict(zip(TRANSACTION_FIELDS, rows[position], strict=False))
