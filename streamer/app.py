@@ -612,13 +612,12 @@ class ScoringApp:
         return now, counters.consumed
 
 
-def _scored_rows(scored: Scored) -> list[int]:
-    """The indexes of the batch's records that got a verdict (not a dead letter)."""
-    indexes = scored.batch.indexes
+def _scored_rows(scored: Scored) -> list[int] | None:
+    """The indexes of the batch's records that got a verdict (None: every record did)."""
     errors = scored.errors
-    if len(errors) == len(scored.batch.errors):  # no score failures: every good record scored
-        return list(indexes)
-    return [index for index in indexes if index not in errors]
+    if not errors:
+        return None
+    return [index for index in scored.batch.indexes if index not in errors]
 
 
 def _source(message: KafkaMessage) -> Source:

@@ -407,23 +407,24 @@ class ScorerMetrics:
         size: int,
         stage_seconds: Mapping[str, float],
         timestamps_ms: Sequence[int],
-        scored: Sequence[int],
+        scored: Sequence[int] | None,
         scores: np.ndarray,
     ) -> None:
         """One batch: its size, its stages' seconds, and the latency and score of its verdicts.
 
         `timestamps_ms`: each consumed record's Kafka timestamp (ms); `scored`: the indexes of
-        the records that got a verdict; `scores`: their scores (NaN for none).
+        the records that got a verdict (None: all of them); `scores`: their scores (NaN: none).
         """
-        produced_ms = self._clock() * 1000.0
+        produced_ms = int(self._clock() * 1000.0)
         self.batch_size.observe(size)
         stages = self._stages
         for stage, seconds in stage_seconds.items():
             stages[stage].observe(seconds)
-        if len(scored):
-            stamps = np.asarray(timestamps_ms, dtype=np.float64)[np.asarray(scored)]
-            stamps = stamps[stamps > 0]  # a record without a timestamp says -1
-            self.latency.observe_many((produced_ms - stamps) / 1000.0)
+        stamps = np.array(timestamps_ms, dtype=np.int64)
+        if scored is not None:
+            stamps = stamps[np.array(scored, dtype=np.intp)]
+        stamps = stamps[stamps > 0]  # a record without a timestamp says -1
+        self.latency.observe_many((produced_ms - stamps) * 0.001)
         finite = scores[np.isfinite(scores)]
         self.scores.observe_many(finite)
 
