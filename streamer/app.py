@@ -290,7 +290,15 @@ class ScoringApp:
         stalled = time.monotonic() - self._turned_at
         if stalled <= LIVENESS_SECONDS:
             return None
-        return f"the scoring loop has not turned for {stalled:.0f}s (limit {LIVENESS_SECONDS:.0f}s)"
+        reason = (
+            f"the scoring loop has not turned for {stalled:.0f}s (limit {LIVENESS_SECONDS:.0f}s)"
+        )
+        checkpoint = self._checkpoint
+        if isinstance(checkpoint, ExactlyOnce):
+            guarding = checkpoint.transactions.watchdog.guarding
+            if guarding is not None:
+                reason += f"; in {guarding[0]} for {guarding[1]:.0f}s"
+        return reason
 
     def run(self, until_idle: float | None = None) -> Counters:
         """Consume, score and publish until stopped; then commit and close."""
