@@ -167,6 +167,9 @@ class ScoringApp:
         self._restoring: dict[int, TopicPartition] = {}
         self._stop_signal: str | None = None
         self._metrics = metrics
+        if metrics is not None:
+            metrics.lag.read_committed = settings.exactly_once
+            metrics.lag.committed = checkpoint.committed_positions
         self.dead_letters_by_stage: dict[str, int] = dict.fromkeys(DEAD_LETTER_STAGES, 0)
         self._assigned: list[tuple[str, int]] = []
         self._turned_at = time.monotonic()

@@ -175,6 +175,11 @@ class ConsumerLag:
     negative lags (not known yet) are left out. Exposed like kafka_exporter's
     `kafka_consumergroup_lag{consumergroup,topic,partition}`: under read_committed the lag is
     measured to the last stable offset.
+
+    Under exactly-once the offsets are committed by the producer's transactions, which the
+    consumer's statistics never see (they keep the offset committed when the partition was
+    assigned): `committed` gives the positions the transactions committed, and the lag is
+    measured from the later of the two.
     """
 
     def __init__(self, group: str) -> None:
@@ -182,6 +187,9 @@ class ConsumerLag:
         self._lags: dict[tuple[str, int], int] = {}
         self.assigned: frozenset[tuple[str, int]] = frozenset()
         """The partitions the scorer holds; set by the loop at each rebalance."""
+        self.committed: Mapping[tuple[str, int], int] = {}
+        """Positions committed that the consumer does not know of (exactly-once)."""
+        self.read_committed = False
         self._failed = False
 
     def __call__(self, statistics: str) -> None:
@@ -196,7 +204,8 @@ class ConsumerLag:
     def parse(self, statistics: str) -> dict[tuple[str, int], int]:
         """(topic, partition) → lag, for the assigned partitions, from one statistics report."""
         report = json.loads(statistics)
-        assigned = self.assigned
+        assigned, committed = self.assigned, self.committed
+        end_offset = "ls_offset" if self.read_committed else "hi_offset"
         lags: dict[tuple[str, int], int] = {}
         for topic, topic_report in (report.get("topics") or {}).items():
             for key, partition_report in (topic_report.get("partitions") or {}).items():
@@ -204,6 +213,10 @@ class ConsumerLag:
                 if partition < 0 or (topic, partition) not in assigned:
                     continue
                 lag = partition_report.get("consumer_lag")
+                known = committed.get((topic, partition), -1)
+                if known > partition_report.get("committed_offset", -1):
+                    end = partition_report.get(end_offset, -1)
+                    lag = end - known if isinstance(end, int) and end >= 0 else -1
                 if isinstance(lag, int) and lag >= 0:
                     lags[(topic, partition)] = lag
         return lags
@@ -243,7 +256,19 @@ class StageTimer:
         self._last = now
 
 
-class Observed(Protocol):
+class Health(Protocol):
+    """What `/livez` and `/readyz` ask; answered from the HTTP server's thread."""
+
+    def readiness(self) -> list[str]:
+        """The readiness checks that fail (empty: ready)."""
+        ...
+
+    def liveness(self) -> str | None:
+        """Why the scorer is not live (None: it is)."""
+        ...
+
+
+class Observed(Health, Protocol):
     """What the scrape-time collector reads from the scorer (plain numbers, any thread)."""
 
     def metric_counts(self) -> Mapping[str, int]:
@@ -259,14 +284,6 @@ class Observed(Protocol):
         ...
 
     def assigned_partitions(self) -> int: ...
-
-    def readiness(self) -> list[str]:
-        """The readiness checks that fail (empty: ready)."""
-        ...
-
-    def liveness(self) -> str | None:
-        """Why the scorer is not live (None: it is)."""
-        ...
 
 
 _COUNTS: Final = (
@@ -490,11 +507,6 @@ class _Starting:
         if waited > LIVENESS_SECONDS:
             return f"still starting after {waited:.0f}s"
         return None
-
-
-class Health(Protocol):
-    def readiness(self) -> list[str]: ...
-    def liveness(self) -> str | None: ...
 
 
 class HealthServer:

@@ -154,8 +154,10 @@ def _values(result: list[dict[str, Any]]) -> list[float]:
 
 
 class TestPrometheusScrapesTheScorer:
+    @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
     def test_lag_throughput_and_model_through_the_prometheus_api(
         self,
+        guarantee: str,
         bootstrap_servers: str,
         topics: Topics,
         model_path: Path,
@@ -163,13 +165,15 @@ class TestPrometheusScrapesTheScorer:
         prometheus: PrometheusServer,
     ) -> None:
         """While the scorer works, Prometheus sees its lag per partition, its rate of records
-        consumed and the model it scores with; at the end, exactly the records sent."""
+        consumed and the model it scores with; at the end, exactly the records sent, and no lag
+        (exactly-once commits offsets through transactions, which the consumer does not see)."""
         produce_synthetic(bootstrap_servers, topics.input, BACKLOG, seed=5)
         env = scorer_env(
             bootstrap_servers,
             topics,
             model_path,
             STREAMER_METRICS_PORT=str(scorer_port),
+            STREAMER_PROCESSING_GUARANTEE=guarantee,
             STREAMER_KAFKA_STATISTICS_INTERVAL_MS="500",
         )
         scorer = start_scorer(env)
@@ -223,6 +227,10 @@ class TestPrometheusScrapesTheScorer:
             loaded = {rule["name"]: rule for g in rules["groups"] for rule in g["rules"]}
             assert "StreamerNoProgress" in loaded
             assert all(rule["health"] != "err" for rule in loaded.values()), loaded
+            commits = prometheus.query("streamer_commits_total")
+            assert _values(commits)[0] > 0
+            aborted = prometheus.query("streamer_transactions_aborted_total")
+            assert _values(aborted) == [0]
         finally:
             if feeder.is_alive():
                 feeder.join(60)

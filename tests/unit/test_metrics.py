@@ -339,3 +339,25 @@ class TestHealthServer:
     def test_bad_port_is_a_config_error(self, port: str, monkeypatch: Any) -> None:
         monkeypatch.setenv("STREAMER_METRICS_PORT", port)
         assert main(["run"]) == EXIT_USAGE
+
+
+class TestExactlyOnceLag:
+    def test_lag_counts_from_the_offsets_the_transactions_committed(self) -> None:
+        """Statistics keep the offset committed at assignment; the transactions moved on since."""
+        lag = ConsumerLag(GROUP)
+        lag.assigned = frozenset({("tx", 0), ("tx", 1)})
+        lag.read_committed = True
+        lag.committed = {("tx", 0): 950}
+        partitions = {
+            "0": {
+                "consumer_lag": 900,
+                "committed_offset": 100,
+                "hi_offset": 1001,
+                "ls_offset": 1000,
+            },
+            "1": {"consumer_lag": 40, "committed_offset": 60, "hi_offset": 100, "ls_offset": 100},
+        }
+        assert lag.parse(json.dumps({"topics": {"tx": {"partitions": partitions}}})) == {
+            ("tx", 0): 50,
+            ("tx", 1): 40,
+        }
