@@ -323,6 +323,12 @@ class TestHealthServer:
             with pytest.raises(ConfigError, match=r"STREAMER_METRICS_PORT: port .* already in use"):
                 HealthServer("127.0.0.1", port, CollectorRegistry())
 
+    def test_an_address_it_cannot_listen_on_names_the_host_variable(self) -> None:
+        with pytest.raises(
+            ConfigError, match=r"STREAMER_METRICS_HOST: cannot listen on 256\.1\.1\.1"
+        ):
+            HealthServer("256.1.1.1", 0, CollectorRegistry())
+
     def test_run_exits_2_when_the_port_is_taken(
         self, model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
     ) -> None:
