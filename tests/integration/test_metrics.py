@@ -22,12 +22,20 @@ from typing import Any
 
 import pytest
 
+from streamer.app import CARD_STORE
+from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka.changelog import Restorer, changelog_topic, ensure_changelog
 from streamer.kafka.clients import OutputProducer
 from streamer.model.artifact import load_model
+from streamer.settings import Settings
+from streamer.state.card import CARD_HISTORY_CODEC
+from streamer.state.store import KeyedStore
 from streamer.synthetic import SyntheticWorld
 from streamer.tools.produce import publish
 from tests.conftest import ROOT, Topics
 from tests.integration.support import produce_synthetic, scorer_env, start_scorer
+
+CHANGELOG_RECORDS = 30_000
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -237,3 +245,44 @@ class TestPrometheusScrapesTheScorer:
             scorer.send_signal(signal.SIGTERM)
             _, stderr = scorer.communicate(timeout=60)
         assert scorer.returncode == 0, stderr[-3000:]
+
+
+class TestRestoreProgress:
+    def test_remaining_records_fall_to_the_end_and_records_add_up(
+        self, bootstrap_servers: str, topics: Topics
+    ) -> None:
+        """What `streamer_state_restore_remaining_records` and `..._records_total` report."""
+        settings = Settings(bootstrap_servers=bootstrap_servers, group_id=topics.group)
+        topic = changelog_topic(topics.group, CARD_STORE)
+        ensure_changelog(settings.admin_config(), topic, topics.input)
+        producer = OutputProducer({"bootstrap.servers": bootstrap_servers})
+        for index in range(CHANGELOG_RECORDS):
+            producer.produce(
+                topic, f"card-{index}".encode(), b"x", [(CHANGELOG_POSITION, b"1")], None, 0
+            )
+        assert producer.flush(30) == 0
+        store = KeyedStore(CARD_STORE, CARD_HISTORY_CODEC, keep_undo=False)
+        restorer = Restorer(settings.changelog_reader_config(), store, topic)
+        try:
+            assert restorer.remaining() == {}
+            restorer.start({0: 10, 1: 10, 2: 10})
+            seen: list[int] = []
+            deadline = time.monotonic() + 60
+            while restorer.restoring:
+                assert time.monotonic() < deadline, restorer.restoring
+                restorer.step(1e-6)  # one consume call (at most 10,000 records) per step
+                seen.append(restorer.remaining().get(0, -1))
+            assert restorer.records == CHANGELOG_RECORDS
+            assert len(store) == CHANGELOG_RECORDS
+            known = [left for left in seen if left >= 0]
+            assert known
+            assert any(0 < left < CHANGELOG_RECORDS for left in known)
+            assert known == sorted(known, reverse=True)  # it only falls
+            assert restorer.remaining() == {}
+            restorer.start({0: 10})  # a second restore adds to the running total
+            while restorer.restoring:
+                assert time.monotonic() < deadline, restorer.restoring
+                restorer.step(0.1)
+            assert restorer.records == 2 * CHANGELOG_RECORDS
+        finally:
+            restorer.close()
