@@ -370,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from streamer.app import ScoringApp
+    from streamer.metrics import HealthServer, ScorerMetrics
     from streamer.model.scorer import Scorer
 
     # The model is loaded and verified before any Kafka client exists: a refused model
@@ -383,10 +384,25 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         model_sha256=scorer.sha256,
         threshold=scorer.threshold,
     )
-    app = ScoringApp.create(settings, scorer)
-    app.install_signal_handlers()
-    tune_garbage_collector()
-    app.run(until_idle=args.until_idle)
+    metrics: ScorerMetrics | None = None
+    server: HealthServer | None = None
+    if settings.metrics_port:
+        # Bound before any Kafka client exists: a port in use stops the scorer at once (exit 2).
+        metrics = ScorerMetrics(settings.group_id)
+        server = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+        server.start()
+        log.info("serving metrics", url=f"http://{settings.metrics_host}:{server.port}/metrics")
+    try:
+        app = ScoringApp.create(settings, scorer, metrics)
+        if metrics is not None and server is not None:
+            metrics.observe(app)
+            server.watch(app)
+        app.install_signal_handlers()
+        tune_garbage_collector()
+        app.run(until_idle=args.until_idle)
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 

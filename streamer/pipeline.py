@@ -53,14 +53,26 @@ class Histories:
         return self.histories
 
 
-BatchDecoder = Callable[[Sequence[bytes | None], Sequence[bytes | None], int], TransactionBatch]
-"""Values, keys and the size limit in, a decoded and validated batch out
-(`serde.decode_and_validate`, or `registry.RegistryDecoder.decode_and_validate` for a topic
-written through a Schema Registry)."""
+class BatchDecoder(Protocol):
+    """Values, keys and the size limit in, a decoded and validated batch out
+    (`serde.decode_and_validate`, or `registry.RegistryDecoder.decode_and_validate` for a topic
+    written through a Schema Registry); `lap("decode")` between decoding and validation."""
+
+    def __call__(
+        self,
+        values: Sequence[bytes | None],
+        keys: Sequence[bytes | None],
+        max_bytes: int,
+        *,
+        lap: Callable[[str], None] | None = None,
+    ) -> TransactionBatch: ...
 
 
 class Laps(Protocol):
-    """Receives the end of each stage (the bench's breakdown times the pipeline with it)."""
+    """Receives the end of each stage: decode, validate, features, predict, encode.
+
+    The bench's breakdown and the scorer's metrics time the pipeline with it.
+    """
 
     def lap(self, stage: str) -> None: ...
 
@@ -116,9 +128,11 @@ class Pipeline:
         whole batch (`SchemaRegistryUnavailableError`) it raises before `state` is touched.
         """
         scorer = self.scorer  # read once: a batch is scored by one model throughout
-        batch = self._decode(values, keys, self._max_event_bytes)
+        batch = self._decode(
+            values, keys, self._max_event_bytes, lap=None if laps is None else laps.lap
+        )
         if laps is not None:
-            laps.lap("decode")
+            laps.lap("validate")
         histories = state.checkout(batch.indexes, batch.columns["card_id"])
         features = build_features_from_columns(batch.columns, histories)
         if laps is not None:

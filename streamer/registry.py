@@ -184,7 +184,12 @@ class RegistryDecoder:
         """Ids the registry did not know, until their `expires`."""
 
     def decode_and_validate(
-        self, values: Sequence[bytes | None], keys: Sequence[bytes | None], max_bytes: int
+        self,
+        values: Sequence[bytes | None],
+        keys: Sequence[bytes | None],
+        max_bytes: int,
+        *,
+        lap: Callable[[str], None] | None = None,
     ) -> TransactionBatch:
         """Decode and validate a polled batch; `values[i]` and `keys[i]` are record i's.
 
@@ -222,7 +227,7 @@ class RegistryDecoder:
                 continue
             indexes.append(index)
             rows.append(row)
-        return validated_batch(indexes, rows, errors, keys)
+        return validated_batch(indexes, rows, errors, keys, lap=lap)
 
     def _writer(self, schema_id: int) -> Writer:
         """The writer of `schema_id`: kept, or fetched now."""

@@ -21,7 +21,7 @@ import copy
 import io
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -394,7 +394,11 @@ class TransactionBatch:
 
 
 def decode_and_validate(
-    values: Sequence[bytes | None], keys: Sequence[bytes | None], max_bytes: int
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None],
+    max_bytes: int,
+    *,
+    lap: Callable[[str], None] | None = None,
 ) -> TransactionBatch:
     """Decode and validate a polled batch: `values[i]` and `keys[i]` are record i's value and key.
 
@@ -403,7 +407,8 @@ def decode_and_validate(
     record gets exactly the error that sequence raises (class, reason and cause); the good ones
     come back as columns (see `TransactionBatch`), ready for
     `features.build_features_from_columns` and `encode_verdicts`. Raises nothing for bad
-    records; `ValueError` if `values` and `keys` differ in length.
+    records; `ValueError` if `values` and `keys` differ in length. `lap("decode")` is called
+    once decoding is done, before validation (the pipeline's stage timing).
     """
     if len(values) != len(keys):
         raise ValueError(f"{len(values)} values but {len(keys)} keys")
@@ -427,7 +432,7 @@ def decode_and_validate(
                 continue
         indexes.append(index)
         rows.append(row)
-    return validated_batch(indexes, rows, errors, keys)
+    return validated_batch(indexes, rows, errors, keys, lap=lap)
 
 
 def unreadable(value: bytes | None, max_bytes: int) -> DecodeError:
@@ -461,14 +466,18 @@ def validated_batch(
     rows: list[Row],
     errors: list[tuple[int, RecordError]],
     keys: Sequence[bytes | None],
+    *,
+    lap: Callable[[str], None] | None = None,
 ) -> TransactionBatch:
     """The batch of decoded `rows` (of the records at `indexes`, ascending) after validation.
 
     `errors`: the decode errors met so far, ascending by index; the validation errors join them.
-    `keys` are the whole batch's keys, by index.
+    `keys` are the whole batch's keys, by index. `lap("decode")` is called before validation.
     """
     good_keys = [keys[i] for i in indexes]
     columns, wire = _transpose(rows)
+    if lap is not None:
+        lap("decode")
     invalid: set[int] = set()
     for position in screen_transactions(columns, good_keys):
         record = dict(zip(TRANSACTION_FIELDS, rows[position], strict=False))

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     `http(s)://[user:password@]host[:port]` (several comma-separated), or `mock://name` for the
     client's in-process mock. Unset: values are plain Avro of `transaction.avsc`."""
 
+    metrics_port: int = Field(default=9095, ge=0, le=65535)
+    """`streamer run`: the port of `/metrics`, `/livez` and `/readyz`; 0 serves none of them."""
+
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    """`streamer run`: the address the metrics port listens on (`0.0.0.0`: every interface)."""
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
 
@@ -190,8 +196,10 @@ class Settings(BaseSettings):
         instance = self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         return f"{self.group_id}-{instance}"
 
-    def consumer_config(self, *, group_id: str | None = None) -> dict[str, Any]:
-        """The scorer's consumer.
+    def consumer_config(
+        self, *, group_id: str | None = None, statistics_interval_ms: int = 0
+    ) -> dict[str, Any]:
+        """The scorer's consumer (`statistics_interval_ms` > 0: librdkafka statistics, for lag).
 
         at-least-once: offsets committed by the scorer's checkpoint, only once the outputs of the
         records before them and the state changes they made are acknowledged.
@@ -223,6 +231,8 @@ class Settings(BaseSettings):
         }
         if self.exactly_once:
             config["isolation.level"] = "read_committed"
+        if statistics_interval_ms > 0:
+            config["statistics.interval.ms"] = statistics_interval_ms
         config.update(self._common())
         return config
 

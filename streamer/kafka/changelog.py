@@ -110,6 +110,8 @@ class Restorer:
         self._started = 0.0
         self._reassign_at: float | None = None
         self._records = 0
+        self._records_before = 0
+        """Records applied by the restores before the current one (for `records`)."""
         self._next_progress = 0.0
 
     @property
@@ -121,6 +123,27 @@ class Restorer:
     def restored(self) -> list[int]:
         """The partitions whose state is restored."""
         return [p for p in self._store.partitions if p not in self._committed]
+
+    @property
+    def records(self) -> int:
+        """Changelog records applied since this restorer was made, over every restore."""
+        return self._records_before + self._records
+
+    def remaining(self) -> dict[int, int]:
+        """Records still to read per partition being restored, where the end is known yet.
+
+        From the reader's position and the high watermark of its last fetch (no broker call).
+        """
+        consumer = self._consumer
+        if consumer is None or not self._committed:
+            return {}
+        left: dict[int, int] = {}
+        positions = consumer.position([TopicPartition(self._topic, p) for p in self._committed])
+        for tp in positions:
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                left[tp.partition] = max(high - max(tp.offset, 0), 0)
+        return left
 
     def start(self, committed: Mapping[int, int | None]) -> None:
         """Restore these partitions, given each input partition's committed offset."""
@@ -142,6 +165,7 @@ class Restorer:
             [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in self._committed]
         )
         self._next_progress = self._started + PROGRESS_SECONDS
+        self._records_before += self._records
         self._records = 0
         log.info("restoring state", store=self._store.name, partitions=self.restoring)
 

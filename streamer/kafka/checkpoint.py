@@ -89,6 +89,9 @@ class Checkpoint(ABC):
         """An error met inside a rebalance callback, for the loop to raise."""
         self.committed = 0
         self.aborted = 0
+        self.committed_positions: dict[tuple[str, int], int] = {}
+        """Exactly-once: the input positions the transactions committed (the consumer, which
+        did not commit them, does not know them: consumer lag is measured against them)."""
 
     # -- the loop's calls ------------------------------------------------------------------------
 
@@ -493,6 +496,7 @@ class ExactlyOnce(Checkpoint):
             self._abort_for(str(exc), rewind)
             return False
         self._commit_stores()
+        self.committed_positions.update(self._positions)
         self._positions.clear()
         self._tracker = DeliveryTracker()
         self._aborts_in_a_row = 0

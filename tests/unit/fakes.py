@@ -13,6 +13,7 @@ from streamer.app import CARD_STORE, CardState, ScoringApp
 from streamer.headers import Headers, header_map
 from streamer.kafka.checkpoint import AtLeastOnce, Changelog
 from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.metrics import ScorerMetrics
 from streamer.model.scorer import Scorer
 from streamer.pipeline import BatchDecoder, Pipeline
 from streamer.serde import decode_and_validate
@@ -201,6 +202,7 @@ def app_on_fakes(
     settings: Settings,
     producer: RecordingProducer | None = None,
     decode: BatchDecoder = decode_and_validate,
+    metrics: ScorerMetrics | None = None,
 ) -> AppRig:
     """A scorer (at-least-once, committing at every turn) owning partitions 0-2, on fakes.
 
@@ -225,5 +227,6 @@ def app_on_fakes(
         cast(OutputProducer, producer),
         checkpoint,
         CardState(store, None),
+        metrics,
     )
     return AppRig(app, producer, consumer, store)
