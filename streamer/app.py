@@ -42,6 +42,7 @@ from streamer.kafka.clients import (
     ClientErrors,
     KafkaMessage,
     OutputProducer,
+    ReachabilityProbe,
     create_consumer,
     poll_batch,
 )
@@ -158,6 +159,8 @@ class ScoringApp:
         self._to_restore: list[TopicPartition] = []
         self._restoring: dict[int, TopicPartition] = {}
         self._stop_signal: str | None = None
+        # Every broker lost: the clients retry by themselves; this notices when one answers.
+        self._probe = ReachabilityProbe(consumer, [consumer_errors, producer.errors])
 
     @classmethod
     def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
@@ -241,6 +244,7 @@ class ScoringApp:
                 checkpoint.maintain()
                 self._raise_pending()
                 now = time.monotonic()
+                self._probe.check(now)
                 if now >= next_progress:
                     last_counters = self._log_progress(now, last_counters)
                     next_progress = now + settings.progress_interval
