@@ -9,7 +9,12 @@ from confluent_kafka import KafkaError, KafkaException
 from structlog.testing import capture_logs
 
 from streamer.errors import ConfigError
-from streamer.kafka.clients import ClientErrors, ReachabilityProbe, check_client_config
+from streamer.kafka.clients import (
+    ClientErrors,
+    ReachabilityProbe,
+    check_client_config,
+    topic_partitions,
+)
 from streamer.settings import load_settings
 
 
@@ -144,3 +149,49 @@ class TestReachabilityProbe:
         assert cluster.asked == 2
         assert consumer.trouble_since is None
         assert [entry["event"] for entry in logs][-1] == "kafka brokers reachable again"
+
+
+class _Partition:
+    def __init__(self, leader: int) -> None:
+        self.leader = leader
+
+
+class _Topic:
+    def __init__(self, leaders: list[int], error: KafkaError | None = None) -> None:
+        self.partitions = {index: _Partition(leader) for index, leader in enumerate(leaders)}
+        self.error = error
+
+
+class _Metadata:
+    def __init__(self, topics: dict[str, _Topic]) -> None:
+        self.topics = topics
+
+
+class _NewTopicConsumer:
+    """Answers as a broker does for a topic created moments ago: unknown, leaderless, ready."""
+
+    def __init__(self, answers: list[dict[str, _Topic]]) -> None:
+        self._answers = answers
+        self.asked = 0
+
+    def list_topics(self, topic: str, timeout: float) -> _Metadata:
+        answer = self._answers[min(self.asked, len(self._answers) - 1)]
+        self.asked += 1
+        return _Metadata(answer)
+
+
+class TestTopicPartitions:
+    def test_waits_out_a_brand_new_topic(self) -> None:
+        """Unknown, then without a leader, then ready: the partitions, after three questions."""
+        unknown = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+        consumer = _NewTopicConsumer(
+            [{"t": _Topic([], unknown)}, {"t": _Topic([1, -1])}, {"t": _Topic([1, 1])}]
+        )
+        assert topic_partitions(consumer, "t", timeout=10) == [0, 1]  # type: ignore[arg-type]
+        assert consumer.asked == 3
+
+    def test_gives_up_after_the_timeout_naming_the_topic(self) -> None:
+        """A topic that never appears: an error naming it once the time is up."""
+        consumer = _NewTopicConsumer([{}])
+        with pytest.raises(KafkaException, match=r"t: not ready after 0\.3 s"):
+            topic_partitions(consumer, "t", timeout=0.3)  # type: ignore[arg-type]
