@@ -84,11 +84,9 @@ def require_topics(
             )
     if not allow_auto_create:
         name = missing[0]
-        offer = (
-            ""
-            if allow_auto_create is None
-            else (", or pass --allow-auto-create to let the broker create it")
-        )
+        offer = ", or pass --allow-auto-create to let the broker create it"
+        if allow_auto_create is None:
+            offer = ""
         also = f" (missing as well: {', '.join(missing[1:])})" if missing[1:] else ""
         raise MissingTopicError(
             f"topic {name!r} ({topics[name]}) does not exist{also}; create it with "
