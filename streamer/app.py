@@ -48,6 +48,7 @@ from streamer.kafka.clients import (
     ClientErrors,
     KafkaMessage,
     OutputProducer,
+    ReachabilityProbe,
     create_consumer,
     poll_batch,
 )
@@ -186,6 +187,8 @@ class ScoringApp:
         self._assigned: list[tuple[str, int]] = []
         self._turned_at = time.monotonic()
         """When the loop last turned (for `/livez`)."""
+        # Every broker lost: the clients retry by themselves; this notices when one answers.
+        self._probe = ReachabilityProbe(consumer, [consumer_errors, producer.errors])
 
     @classmethod
     def create(
@@ -353,6 +356,7 @@ class ScoringApp:
                     self._maintain_timed(metrics)
                 self._raise_pending()
                 now = self._turned_at = time.monotonic()
+                self._probe.check(now)
                 if metrics is not None and now >= next_state:
                     self._observe_state(metrics)
                     next_state = now + STATE_EVERY_SECONDS

@@ -1,7 +1,12 @@
 """The `streamer` command: parse flags, build Settings once, call one function per command.
 
-Exit status: 0 success, 1 a runtime failure (Kafka, delivery) or what `streamer audit` reports
-as a failure, 2 bad usage or configuration, 3 a refused model.
+Exit status: 0 success, 1 a runtime failure (no broker answering, Kafka, delivery) or what
+`streamer audit` reports as a failure, 2 bad usage or configuration (a missing topic included),
+3 a refused model, 130 interrupted (Ctrl-C).
+
+Every command that talks to Kafka checks, in this order and before anything else (the model
+included): that librdkafka accepts the `STREAMER_KAFKA_*` settings, that a broker answers within
+`STREAMER_CONNECT_TIMEOUT`, and that the topics it needs exist.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import structlog
 from confluent_kafka import KafkaException
 
 from streamer import __version__
-from streamer.errors import ConfigError, ModelRefusedError, StreamerError
+from streamer.errors import ConfigError, MissingTopicError, ModelRefusedError, StreamerError
 from streamer.logging import configure_logging
-from streamer.settings import Settings, load_settings
+from streamer.settings import Settings, load_settings, unknown_variables
 
 log = structlog.get_logger("streamer.cli")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_MODEL_REFUSED = 3
+EXIT_INTERRUPTED = 130
+KAFKA_COMMANDS = frozenset({"run", "produce", "tail", "topics", "demo", "audit", "dlq"})
+"""Commands that talk to Kafka: their client settings are checked before they start."""
 YOUNG_COLLECTION_THRESHOLD = 20_000
 """Net allocations between two collections of the youngest generation in `streamer run`
 (Python's default: 700)."""
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="exit 0 after this long with nothing to consume",
     )
+    run.add_argument(
+        "--allow-auto-create",
+        action="store_true",
+        help="let the broker create missing input, output and dead-letter topics (its "
+        "auto.create.topics.enable, with its default settings) instead of exiting 2",
+    )
 
     train = commands.add_parser("train", help="fit the model and write its artefact and card")
     train.add_argument("--model-path", type=Path, help="where to write the artefact")
@@ -185,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=non_negative_float, default=0.0, help="events/s (0: as fast as possible)"
     )
     produce.add_argument("--seed", type=int, default=None, help="default: a random seed")
+    produce.add_argument(
+        "--allow-auto-create",
+        action="store_true",
+        help="let the broker create a missing input topic instead of exiting 2",
+    )
 
     tail = commands.add_parser("tail", help="print verdicts as they arrive")
     _add_common(tail)
@@ -349,9 +368,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_format, settings.log_level)
+    for name, close in unknown_variables():
+        hint = {"did_you_mean": close} if close else {}
+        log.warning("unknown variable, ignored", variable=name, **hint)
     handler = _COMMANDS[args.command]
     try:
+        if args.command in KAFKA_COMMANDS:
+            from streamer.kafka.clients import check_client_config
+
+            check_client_config(settings)
         return handler(settings, args)
+    except MissingTopicError as exc:
+        log.error("missing topic", error=str(exc))
+        return EXIT_USAGE
     except ConfigError as exc:
         log.error("invalid configuration", error=str(exc))
         return EXIT_USAGE
@@ -365,34 +394,78 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("kafka error", error=str(exc.args[0] if exc.args else exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _connect(
+    settings: Settings,
+    topics: dict[str, str] | None = None,
+    *,
+    allow_auto_create: bool | None = None,
+) -> None:
+    """Wait up to the connect timeout for a broker; then check `topics` (name → what names it).
+
+    Raises `BrokerUnreachableError` (exit 1) or `MissingTopicError` (exit 2).
+    """
+    from streamer.kafka.admin import check_brokers, require_topics
+
+    metadata = check_brokers(settings.admin_config(), settings.connect_timeout)
+    if topics:
+        created = require_topics(
+            settings.admin_config(),
+            metadata,
+            topics,
+            allow_auto_create=allow_auto_create,
+            timeout=settings.connect_timeout,
+        )
+        if created:
+            log.info("topics created by the broker", topics=created)
+
+
+def _input_topic(settings: Settings) -> dict[str, str]:
+    return {settings.input_topic: "the input: STREAMER_INPUT_TOPIC or --input-topic"}
+
+
+def _output_topic(settings: Settings) -> dict[str, str]:
+    return {settings.output_topic: "the verdicts: STREAMER_OUTPUT_TOPIC or --output-topic"}
+
+
+def _dlq_topic(settings: Settings) -> dict[str, str]:
+    return {settings.dlq_topic: "the dead letters: STREAMER_DLQ_TOPIC or --dlq-topic"}
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from streamer.app import ScoringApp
     from streamer.metrics import HealthServer, ScorerMetrics
-    from streamer.model.scorer import Scorer
 
-    # The model is loaded and verified before any Kafka client exists: a refused model
-    # consumes nothing and commits nothing.
-    scorer = Scorer.from_path(settings.model_path, settings.threshold)
-    log.info(
-        "scorer starting",
-        config=settings.loggable(),
-        model_name=scorer.name,
-        model_version=scorer.version,
-        model_sha256=scorer.sha256,
-        threshold=scorer.threshold,
-    )
     metrics: ScorerMetrics | None = None
     server: HealthServer | None = None
     if settings.metrics_port:
-        # Bound before any Kafka client exists: a port in use stops the scorer at once (exit 2).
+        # Bound first, before the brokers are asked anything: a port in use stops the scorer at
+        # once (exit 2); until the scorer exists, /readyz answers "starting".
         metrics = ScorerMetrics(settings.group_id)
         server = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry)
         server.start()
         log.info("serving metrics", url=f"http://{settings.metrics_host}:{server.port}/metrics")
     try:
+        _connect(
+            settings,
+            {**_input_topic(settings), **_output_topic(settings), **_dlq_topic(settings)},
+            allow_auto_create=args.allow_auto_create,
+        )
+        from streamer.app import ScoringApp
+        from streamer.model.scorer import Scorer
+
+        # The model is loaded and verified before the scorer's clients exist: a refused model
+        # consumes nothing and commits nothing.
+        scorer = Scorer.from_path(settings.model_path, settings.threshold)
+        log.info(
+            "scorer starting",
+            config=settings.loggable(),
+            model_name=scorer.name,
+            model_version=scorer.version,
+            model_sha256=scorer.sha256,
+            threshold=scorer.threshold,
+        )
         app = ScoringApp.create(settings, scorer, metrics)
         if metrics is not None and server is not None:
             metrics.observe(app)
@@ -455,6 +528,7 @@ def _model(settings: Settings, args: argparse.Namespace) -> int:
 def _produce(settings: Settings, args: argparse.Namespace) -> int:
     import secrets
 
+    _connect(settings, _input_topic(settings), allow_auto_create=args.allow_auto_create)
     from streamer.tools.produce import produce_synthetic
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -463,6 +537,7 @@ def _produce(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    _connect(settings, _output_topic(settings))
     from streamer.tools.tail import tail
 
     tail(
@@ -475,6 +550,7 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    _connect(settings)
     from streamer.app import CARD_STORE
     from streamer.kafka.admin import ensure_topics
     from streamer.kafka.changelog import changelog_topic, ensure_changelog
@@ -500,6 +576,7 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    _connect(settings)
     from streamer.tools.demo import run_demo
 
     return run_demo(
@@ -511,8 +588,12 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _audit(settings: Settings, args: argparse.Namespace) -> int:
-    from streamer.tools.audit import run_audit
+    from streamer.tools.audit import check_window, run_audit
 
+    check_window(args.since, args.until)
+    _connect(
+        settings, {**_input_topic(settings), **_output_topic(settings), **_dlq_topic(settings)}
+    )
     return run_audit(
         settings,
         since_ms=args.since,
@@ -535,6 +616,11 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         from_offset=args.from_offset,
         to_offset=args.to_offset,
     )
+    selection.check()
+    needed = (
+        _dlq_topic(settings) if args.dry_run else {**_dlq_topic(settings), **_input_topic(settings)}
+    )
+    _connect(settings, needed)
     return run_replay(
         settings, selection, limit=args.limit, dry_run=args.dry_run, timeout=args.timeout
     )

@@ -19,6 +19,10 @@ class ConfigError(StreamerError):
     """The configuration is invalid; raised before anything touches Kafka."""
 
 
+class MissingTopicError(ConfigError):
+    """A topic the command needs does not exist (or cannot be used); nothing was done."""
+
+
 class ModelRefusedError(StreamerError):
     """The model artefact cannot be trusted or does not match its card; nothing is scored."""
 
@@ -29,6 +33,10 @@ class DeliveryFailedError(StreamerError):
 
 class KafkaFatalError(StreamerError):
     """A Kafka client reported an error it cannot recover from."""
+
+
+class BrokerUnreachableError(StreamerError):
+    """No broker answered at start-up within the connect timeout."""
 
 
 class StalledError(KafkaFatalError):

@@ -9,6 +9,7 @@ kept as secrets and never logged.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -136,6 +137,10 @@ class Settings(BaseSettings):
     metrics_host: str = Field(default="127.0.0.1", min_length=1)
     """`streamer run`: the address the metrics port listens on (`0.0.0.0`: every interface)."""
 
+    connect_timeout: float = Field(default=15.0, gt=0.0, le=600.0)
+    """Seconds a command waits at start-up for a first answer from a broker; none answering,
+    it exits 1 naming the bootstrap servers."""
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
 
@@ -168,7 +173,7 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_kafka_keys(cls, value: Mapping[str, SecretStr]) -> Mapping[str, SecretStr]:
         for key in value:
-            variable = KAFKA_ENV_PREFIX + key.upper().replace(".", "_")
+            variable = kafka_variable(key)
             if not _KAFKA_KEY.match(key):
                 raise ValueError(f"{variable}: {key!r} is not a librdkafka property name")
             if key in _PROTECTED_KAFKA_KEYS:
@@ -317,6 +322,44 @@ class Settings(BaseSettings):
             shown["schema_registry_url"] = _mask_userinfo(self.schema_registry_url)
         shown["kafka"] = {key: _mask(key, secret) for key, secret in self.kafka.items()}
         return shown
+
+
+def kafka_variable(key: str) -> str:
+    """The `STREAMER_KAFKA_*` variable that sets librdkafka property `key`."""
+    return KAFKA_ENV_PREFIX + key.upper().replace(".", "_")
+
+
+OTHER_VARIABLES: Final = frozenset({"STREAMER_FAULT_SCALE", "STREAMER_FAULT_RESULTS"})
+"""`STREAMER_` variables that are not settings: the fault suite's (`scripts/fault`)."""
+
+
+def known_variables() -> frozenset[str]:
+    """Every `STREAMER_*` variable name the project reads (`STREAMER_KAFKA_*` aside)."""
+    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields if name != "kafka"}
+    return frozenset(fields) | OTHER_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """(name, closest known name or None) of each `STREAMER_*` variable nothing reads: a typo.
+
+    `STREAMER_KAFKA_*` variables pass to librdkafka, which judges them (`kafka.clients`).
+    """
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        if name.startswith(KAFKA_ENV_PREFIX) and len(name) > len(KAFKA_ENV_PREFIX):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        unknown.append((name, close[0] if close else None))
+    return unknown
+
+
+def masked_kafka_value(key: str, secret: SecretStr) -> str:
+    """A pass-through value as it may be shown: masked when it may be a secret."""
+    return _mask(key, secret)
 
 
 def _mask(key: str, secret: SecretStr) -> str:

@@ -1,8 +1,13 @@
 """Kafka clients built from librdkafka dicts, with the scorer's error handling wired in.
 
 librdkafka reports most trouble (a broker down, a leader moving) as transient errors it recovers
-from by itself; those are logged. Errors flagged fatal are recorded by the callbacks (which must
-never raise) and raised on the main thread by `raise_if_fatal`.
+from by itself, and reports them again at every retry (about 20 a second against a refused
+port). They are logged once per change of state: when the trouble starts, when every broker is
+down, and when a broker answers again (`ClientErrors.reachable`). Errors flagged fatal are
+recorded by the callbacks (which must never raise) and raised on the main thread by
+`raise_if_fatal`. librdkafka's own log lines go through the process's structlog set-up
+(`CLIENT_LOGGER`), except its per-retry connection failures, which repeat what the error
+callback already reports.
 """
 
 from __future__ import annotations
@@ -10,18 +15,40 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streamer.errors import KafkaFatalError
+from streamer.errors import ConfigError, KafkaFatalError
 from streamer.headers import Headers
+from streamer.settings import Settings, kafka_variable, masked_kafka_value
 
 log = structlog.get_logger(__name__)
 
+
+class _NoRetryNoise(logging.Filter):
+    """Drops librdkafka's `FAIL` lines: one per failed connection attempt, each also reported to
+    the error callback, which logs the trouble once (`ClientErrors`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("FAIL [")
+
+
 CLIENT_LOGGER = logging.getLogger("streamer.kafka.client")
 """librdkafka's own log lines arrive here (served by poll), in the process's log format."""
+CLIENT_LOGGER.addFilter(_NoRetryNoise())
+
+SILENT_LOGGER = logging.getLogger("streamer.kafka.silent")
+"""For throw-away clients (configuration checks, the broker probe): their lines say nothing new."""
+SILENT_LOGGER.addHandler(logging.NullHandler())
+SILENT_LOGGER.propagate = False
+
+_CONNECTION_TROUBLE: Final = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT})
+TROUBLE_QUIET_SECONDS: Final = 60.0
+"""Connection trouble after this long without any is logged as a new episode (librdkafka retries
+a connection at least every 10 s, `reconnect.backoff.max.ms`)."""
+PROBE_TIMEOUT_SECONDS: Final = 0.5
 
 
 class KafkaMessage(Protocol):
@@ -37,25 +64,159 @@ class KafkaMessage(Protocol):
 
 
 class ClientErrors:
-    """Collects errors reported by librdkafka's `error_cb`; fatal ones stop the process."""
+    """Collects errors reported by librdkafka's `error_cb`; fatal ones stop the process.
+
+    Connection trouble is logged once per change of state, not per retry: "kafka connection
+    trouble" when a broker connection fails, "kafka brokers all down" when none is left, and
+    "kafka brokers reachable again" once `reachable()` is called (by whoever saw a broker answer);
+    the repeats in between are counted in that last line.
+    """
 
     def __init__(self, client: str) -> None:
         self._client = client
         self.fatal: KafkaError | None = None
+        self.trouble_since: float | None = None
+        """When the current connection trouble began (None: none now)."""
+        self.all_down = False
+        self.repeats = 0
+        self._last_trouble = 0.0
 
     def __call__(self, error: KafkaError) -> None:
         # Runs inside librdkafka's poll: record only, never raise.
         if error.fatal():
             self.fatal = error
             log.error("kafka fatal error", client=self._client, error=error.str())
-        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            log.warning("kafka connection trouble", client=self._client, error=error.str())
+        elif error.code() in _CONNECTION_TROUBLE:
+            self._connection_trouble(error, time.monotonic())
         else:
             log.warning("kafka error", client=self._client, error=error.str())
+
+    def _connection_trouble(self, error: KafkaError, now: float) -> None:
+        all_down = error.code() == KafkaError._ALL_BROKERS_DOWN
+        if self.trouble_since is not None and now - self._last_trouble > TROUBLE_QUIET_SECONDS:
+            # A new episode: librdkafka retries far more often than this.
+            self._end_trouble(self._last_trouble)
+        self._last_trouble = now
+        if self.trouble_since is None:
+            self.trouble_since = now
+            self.all_down = all_down
+            event = "kafka brokers all down, retrying" if all_down else "kafka connection trouble"
+            log.warning(event, client=self._client, error=error.str())
+        elif all_down and not self.all_down:
+            self.all_down = True
+            log.warning("kafka brokers all down, retrying", client=self._client, error=error.str())
+        else:
+            self.repeats += 1
+
+    def reachable(self) -> None:
+        """A broker answered this client: log the end of the connection trouble, if any."""
+        if self.trouble_since is not None:
+            self._end_trouble(time.monotonic())
+
+    def _end_trouble(self, ended: float) -> None:
+        assert self.trouble_since is not None
+        log.info(
+            "kafka brokers reachable again",
+            client=self._client,
+            trouble_seconds=round(ended - self.trouble_since, 1),
+            repeated_errors=self.repeats,
+        )
+        self.trouble_since = None
+        self.all_down = False
+        self.repeats = 0
 
     def raise_if_fatal(self) -> None:
         if self.fatal is not None:
             raise KafkaFatalError(f"{self._client}: {self.fatal.str()}")
+
+
+class ReachabilityProbe:
+    """Ends the "all brokers down" state of clients when the cluster answers again.
+
+    librdkafka reports no recovery, so while one of `errors` has every broker down, the probe
+    asks `client` for the cluster's metadata every `interval` seconds (waiting at most
+    `PROBE_TIMEOUT_SECONDS`, on the caller's thread); an answer calls `reachable()` on each.
+    """
+
+    def __init__(
+        self, client: Consumer | Producer, errors: Sequence[ClientErrors], interval: float = 5.0
+    ) -> None:
+        self._client = client
+        self._errors = errors
+        self._interval = interval
+        self._next = 0.0
+
+    def check(self, now: float) -> None:
+        if now < self._next or not any(errors.all_down for errors in self._errors):
+            return
+        self._next = now + self._interval
+        try:
+            self._client.list_topics(timeout=PROBE_TIMEOUT_SECONDS)
+        except KafkaException:
+            return
+        for errors in self._errors:
+            errors.reachable()
+
+
+def check_client_config(settings: Settings) -> None:
+    """Raise `ConfigError` naming the `STREAMER_KAFKA_*` variable librdkafka refuses, if any.
+
+    Builds (and drops) a consumer and a producer from the scorer's own configurations, without
+    bootstrap servers so that nothing connects: librdkafka checks every property name and value
+    as a client is created (an unknown property, a value of the wrong kind, an unreadable
+    certificate file). An alias is reported under its canonical name (`linger.ms` as
+    `queue.buffering.max.ms`), so each pass-through setting is then tried alone to name the one
+    at fault.
+    """
+    configs: list[tuple[type[Consumer] | type[Producer], dict[str, Any]]] = [
+        (Consumer, settings.consumer_config()),
+        (Producer, settings.producer_config(transactional=settings.exactly_once)),
+    ]
+    for kind, config in configs:
+        problem = _refused(kind, config)
+        if problem is not None:
+            raise ConfigError(_culprit(kind, config, settings, problem))
+
+
+def _culprit(
+    kind: type[Consumer] | type[Producer], config: dict[str, Any], settings: Settings, problem: str
+) -> str:
+    """The message naming the `STREAMER_KAFKA_*` variable behind `problem`, best guess first:
+    the property the message names; one refused even alone (an alias is named by its canonical
+    property); one without which the rest is accepted (a file read only when SSL is on)."""
+    passed = settings.kafka
+
+    def named(key: str, why: str) -> str:
+        shown = masked_kafka_value(key, passed[key])
+        return f"{kafka_variable(key)}: librdkafka refuses {key}={shown!r}{why}: {problem}"
+
+    for key in passed:
+        if f'"{key}"' in problem or f"{key} " in problem:
+            return named(key, "")
+    own = {key: value for key, value in config.items() if key not in passed}
+    for key in passed:
+        if _refused(kind, {**own, key: config[key]}) is not None:
+            return named(key, "")
+    for key in passed:
+        if _refused(kind, {k: v for k, v in config.items() if k != key}) is None:
+            return named(key, " with the other STREAMER_KAFKA_* settings")
+    variables = ", ".join(kafka_variable(key) for key in passed) or "none"
+    return f"librdkafka refuses the STREAMER_KAFKA_* settings ({variables}): {problem}"
+
+
+def _refused(kind: type[Consumer] | type[Producer], config: dict[str, Any]) -> str | None:
+    """Why librdkafka refuses to build a client of `kind` from `config`, or None."""
+    config = {key: value for key, value in config.items() if key != "bootstrap.servers"}
+    try:
+        client = kind({**config, "logger": SILENT_LOGGER})
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        return error.str() if isinstance(error, KafkaError) else str(exc)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    if isinstance(client, Consumer):
+        client.close()
+    return None
 
 
 def create_consumer(config: dict[str, Any], errors: ClientErrors) -> Consumer:
@@ -159,6 +320,32 @@ def commit_positions(consumer: Consumer, positions: Sequence[tuple[str, int, int
         if isinstance(error, KafkaError) and error.code() == KafkaError._NO_OFFSET:
             return
         raise
+
+
+def topic_partitions(consumer: Consumer, topic: str, timeout: float) -> list[int]:
+    """The partitions of `topic`, retrying while a topic created moments ago is not ready.
+
+    Right after its creation, a topic can be unknown to the broker a client asks
+    (UNKNOWN_TOPIC_OR_PART) or have partitions without a leader yet; that is waited out for up
+    to `timeout` seconds. The consumer's requests never create the topic.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = max(deadline - time.monotonic(), 1.0)
+        found = consumer.list_topics(topic, timeout=remaining).topics.get(topic)
+        if (
+            found is not None
+            and found.error is None
+            and found.partitions
+            and all(p.leader >= 0 for p in found.partitions.values())
+        ):
+            return sorted(found.partitions)
+        if time.monotonic() >= deadline:
+            why = found.error.str() if found is not None and found.error else "no leader yet"
+            raise KafkaException(
+                KafkaError(KafkaError._TIMED_OUT, f"{topic}: not ready after {timeout:g} s: {why}")
+            )
+        time.sleep(0.2)
 
 
 def watermarks(consumer: Consumer, topic: str, partition: int, timeout: float) -> tuple[int, int]:

@@ -150,6 +150,13 @@ def train_model(
     # One pass in event-time order: each row's history features see only earlier rows.
     features = build_features([item.record for item in labelled])
     del labelled
+    log.info(
+        "training_set_built",
+        events=count,
+        frauds=int(labels.sum()),
+        seconds=round(time.perf_counter() - started, 2),
+        next="fitting the model and its baseline without history (the longest step)",
+    )
     splits = split_by_day(event_times, world.start_ms, days)
     for split in splits:
         if not labels[split.rows].any():

@@ -47,6 +47,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from streamer.errors import ConfigError, StreamerError
 from streamer.headers import SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC
 from streamer.kafka.clients import ClientErrors, KafkaMessage, create_consumer
+from streamer.progress import Progress
 from streamer.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -819,6 +820,12 @@ def read_records(
 # -- the command -----------------------------------------------------------------------------------
 
 
+def check_window(since_ms: int | None, until_ms: int | None) -> None:
+    """Raise ConfigError when the audited window ends before it starts."""
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        raise ConfigError(f"--since ({_time(since_ms)}) must be before --until ({_time(until_ms)})")
+
+
 def audit(
     settings: Settings,
     *,
@@ -827,8 +834,7 @@ def audit(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
 ) -> AuditReport:
     """Read the three topics and reconcile them; see the module docstring."""
-    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
-        raise ConfigError(f"--since ({_time(since_ms)}) must be before --until ({_time(until_ms)})")
+    check_window(since_ms, until_ms)
     started = time.monotonic()
     # Outputs first: every output written before their snapshot names an input that is
     # already below the input's snapshot, so an offset past it is no record at all.
@@ -859,18 +865,26 @@ def audit(
         input_topic=settings.input_topic,
         ranges={r.partition: [r.start, r.end] for r in ranges},
     )
+    outputs: list[tuple[OutputKind, str, dict[int, tuple[int, int]]]] = [
+        ("verdicts", settings.output_topic, output_marks),
+        ("dead_letters", settings.dlq_topic, dlq_marks),
+    ]
+    # Offsets to read in all (an upper bound on records: markers and aborted records take some).
+    total = sum(r.end - r.start for r in ranges) + sum(
+        high - low for _, _, marks in outputs for low, high in marks.values()
+    )
+    progress = Progress("audit", total, interval=settings.progress_interval)
+    read = 0
     with _Reader(settings, "audit") as reader:
         for batch in reader.read(settings.input_topic, ranges, timeout):
+            read += len(batch)
+            progress.update(read)
             partitions_read = np.fromiter(
                 (m.partition() for m in batch), dtype=np.int64, count=len(batch)
             )
             offsets = np.fromiter((m.offset() for m in batch), dtype=np.int64, count=len(batch))
             reconciliation.add_inputs(partitions_read, offsets)
 
-    outputs: list[tuple[OutputKind, str, dict[int, tuple[int, int]]]] = [
-        ("verdicts", settings.output_topic, output_marks),
-        ("dead_letters", settings.dlq_topic, dlq_marks),
-    ]
     for kind, topic, marks in outputs:
         ends = np.zeros(max(marks) + 1, dtype=np.int64)
         for p, (_, high) in marks.items():
@@ -879,7 +893,10 @@ def audit(
         # A consumer per topic: nothing fetched for one topic can reach the other's count.
         with _Reader(settings, "audit") as reader:
             for batch in reader.read(topic, output_ranges, timeout):
+                read += len(batch)
+                progress.update(read)
                 reconciliation.add_outputs(kind, topic, batch, ends)
+    progress.close()
     return reconciliation.report(
         output_topic=settings.output_topic,
         dlq_topic=settings.dlq_topic,

@@ -36,12 +36,14 @@ from streamer.kafka.clients import (
     OutputProducer,
     create_consumer,
     poll_batch,
+    topic_partitions,
     watermarks,
 )
+from streamer.progress import Progress
 from streamer.serde import decode_verdict, encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
-from streamer.tools.produce import ProgressBar, publish
+from streamer.tools.produce import publish
 
 log = structlog.get_logger(__name__)
 
@@ -78,8 +80,7 @@ class OutputReader(threading.Thread):
         self._consumer = create_consumer(config, self.errors)
         assignment = []
         for topic in (settings.output_topic, settings.dlq_topic):
-            metadata = self._consumer.list_topics(topic, timeout=30)
-            for partition in metadata.topics[topic].partitions:
+            for partition in topic_partitions(self._consumer, topic, timeout=30):
                 _, high = watermarks(self._consumer, topic, partition, timeout=30)
                 assignment.append(TopicPartition(topic, partition, high))
         self._consumer.assign(assignment)
@@ -187,7 +188,7 @@ def run_demo(
             settings.input_topic,
             burst,
             on_sent=remember,
-            progress=ProgressBar(burst_count),
+            progress=Progress("burst", burst_count, interval=settings.progress_interval),
         )
         _wait_for_outputs(reader.collected, baseline + burst_count + len(bad), scorer, scorer_log)
         with reader.collected.lock:

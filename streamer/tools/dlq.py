@@ -40,6 +40,7 @@ from streamer.headers import (
     header_map,
 )
 from streamer.kafka.clients import ClientErrors, OutputProducer, create_consumer
+from streamer.progress import Progress
 from streamer.settings import Settings
 from streamer.tools.audit import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -211,8 +212,14 @@ def replay_dead_letters(
     consumer = create_consumer(reader_config(settings, "dlq-replay"), errors)
     try:
         ranges = _ranges(settings, dlq_topic, marks, selection)
+        progress = Progress(
+            "dlq replay",
+            sum(r.end - r.start for r in ranges),
+            interval=settings.progress_interval,
+        )
         chosen = _chosen(consumer, errors, dlq_topic, ranges, selection, timeout, report)
         for message, found, stage in chosen:
+            progress.update(report.examined)
             partition, offset = message.partition(), message.offset()
             where = f"{dlq_topic}/{partition}/{offset}"
             if producer is None:
@@ -233,6 +240,7 @@ def replay_dead_letters(
             report.by_stage[stage or UNKNOWN_STAGE] += 1
             if limit is not None and report.replayed >= limit:
                 break
+        progress.close()
     except BaseException:
         log.error(
             "dlq replay stopped before the end; what was sent is being flushed",

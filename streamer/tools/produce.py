@@ -6,13 +6,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 from confluent_kafka import KafkaError
 
 from streamer.errors import DeliveryFailedError
 from streamer.kafka.clients import OutputProducer
+from streamer.progress import Progress
 from streamer.serde import encode_transaction
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
@@ -24,6 +25,8 @@ PACING_SLICE_SECONDS = 0.005
 
 FLUSH_SECONDS = 150.0
 """Longer than the producer's delivery.timeout.ms: by then every record has its report."""
+INTERRUPTED_FLUSH_SECONDS = 5.0
+"""After Ctrl-C, how long the records already sent may take to be acknowledged."""
 
 
 @dataclass(slots=True)
@@ -33,38 +36,6 @@ class ProduceReport:
     failed: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal; silent when `stream` is not a TTY."""
-
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self._total = max(total, 1)
-        self._stream = stream
-        self._enabled = stream.isatty()
-        self._width = width
-        self._started = time.monotonic()
-        self._last_draw = 0.0
-
-    def update(self, done: int, *, force: bool = False) -> None:
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        filled = int(self._width * done / self._total)
-        rate = done / max(now - self._started, 1e-9)
-        self._stream.write(
-            f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done:,}/{self._total:,}"
-            f"  {rate:,.0f}/s "
-        )
-        self._stream.flush()
-
-    def close(self) -> None:
-        if self._enabled:
-            self._stream.write("\n")
-            self._stream.flush()
 
 
 def paced(items: Iterable[Any], rate: float | None) -> Iterator[Any]:
@@ -88,10 +59,14 @@ def publish(
     *,
     rate: float | None = None,
     on_sent: Callable[[LabelledTransaction], None] | None = None,
-    progress: ProgressBar | None = None,
+    progress: Progress | None = None,
+    report: ProduceReport | None = None,
 ) -> ProduceReport:
-    """Produce `events` (key = card_id) and wait for every acknowledgement."""
-    report = ProduceReport()
+    """Produce `events` (key = card_id) and wait for every acknowledgement.
+
+    Counts go to `report` (a new one by default), so a caller interrupted midway still has them.
+    """
+    report = ProduceReport() if report is None else report
     started = time.monotonic()
 
     def on_delivery(error: KafkaError | None, _message: Any) -> None:
@@ -117,7 +92,6 @@ def publish(
     report.failed += unreported
     report.seconds = time.monotonic() - started
     if progress is not None:
-        progress.update(report.sent, force=True)
         progress.close()
     return report
 
@@ -125,16 +99,37 @@ def publish(
 def produce_synthetic(
     settings: Settings, *, count: int, rate: float | None, seed: int
 ) -> ProduceReport:
-    """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s."""
+    """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s.
+
+    On Ctrl-C, waits a few seconds for what was sent to be acknowledged, logs how many events
+    were delivered, and lets KeyboardInterrupt through (exit 130).
+    """
     producer = OutputProducer(settings.producer_config())
     log.info("producing", topic=settings.input_topic, count=count, rate=rate, seed=seed)
-    report = publish(
-        producer,
-        settings.input_topic,
-        SyntheticWorld(seed).generate(count),
-        rate=rate,
-        progress=ProgressBar(count),
-    )
+    report = ProduceReport()
+    progress = Progress("produce", count, interval=settings.progress_interval)
+    try:
+        publish(
+            producer,
+            settings.input_topic,
+            SyntheticWorld(seed).generate(count),
+            rate=rate,
+            progress=progress,
+            report=report,
+        )
+    except KeyboardInterrupt:
+        if progress.on_terminal:
+            print(file=sys.stderr)
+        unacknowledged = producer.flush(INTERRUPTED_FLUSH_SECONDS)
+        log.warning(
+            "produce interrupted",
+            delivered=report.acknowledged,
+            sent=report.sent,
+            failed=report.failed,
+            unacknowledged=unacknowledged,
+            of=count,
+        )
+        raise
     producer.errors.raise_if_fatal()
     log.info(
         "produced",

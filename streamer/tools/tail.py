@@ -14,7 +14,7 @@ import structlog
 
 from streamer.errors import DecodeError
 from streamer.headers import SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, header_map
-from streamer.kafka.clients import ClientErrors, create_consumer
+from streamer.kafka.clients import ClientErrors, ReachabilityProbe, create_consumer
 from streamer.serde import decode_verdict
 from streamer.settings import Settings
 
@@ -69,6 +69,7 @@ def tail(
     errors = ClientErrors("tail")
     consumer = create_consumer(config, errors)
     consumer.subscribe([settings.output_topic])
+    probe = ReachabilityProbe(consumer, [errors])
     printed = 0
     if output_format == "table":
         print(TABLE_HEADER, file=out, flush=True)
@@ -77,6 +78,7 @@ def tail(
         while not stopping and (count is None or printed < count):
             messages = consumer.consume(500, 0.2)
             errors.raise_if_fatal()
+            probe.check(time.monotonic())
             if not messages and idle_timeout is not None:
                 if time.monotonic() - last_seen > idle_timeout:
                     break

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import io
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ from streamer.cli import (
     main,
     tune_garbage_collector,
 )
-from streamer.tools.produce import ProgressBar
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +35,39 @@ class TestExitCodes:
         assert "STREAMER_LOG_LEVEL" in error
         assert "'loud'" in error
 
+    def test_bad_kafka_setting_exits_2_before_the_broker_and_the_model(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """librdkafka's refusal names the variable; no model (3) and no broker (1) come first."""
+        monkeypatch.setenv("STREAMER_KAFKA_LINGER_MS", "soon")
+        code = main(["run", "--model-path", str(tmp_path / "none.skops"), "--log-format", "json"])
+        assert code == EXIT_USAGE
+        error = capsys.readouterr().err
+        assert "STREAMER_KAFKA_LINGER_MS" in error
+        assert "streamer train" not in error
+
+    def test_unknown_variable_is_warned_about_with_the_closest_name(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A typo in a variable name is a warning naming it and the name meant; not an error."""
+        monkeypatch.setenv("STREAMER_THRESHOLDD", "0.5")
+        monkeypatch.setenv("STREAMER_KAFKA_LINGER_MS", "soon")  # stops before any broker
+        assert main(["tail", "--log-format", "json"]) == EXIT_USAGE
+        warning = next(
+            json.loads(line)
+            for line in capsys.readouterr().err.splitlines()
+            if "unknown variable" in line
+        )
+        assert warning["variable"] == "STREAMER_THRESHOLDD"
+        assert warning["did_you_mean"] == "STREAMER_THRESHOLD"
+        assert warning["level"] == "warning"
+
+    @pytest.fixture
+    def _broker_answers(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The broker and topic checks come first; the model's turn is what these tests look at.
+        monkeypatch.setattr("streamer.cli._connect", lambda *_args, **_kwargs: None)
+
+    @pytest.mark.usefixtures("_broker_answers")
     def test_missing_model_exits_3(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -44,6 +76,7 @@ class TestExitCodes:
         assert code == EXIT_MODEL_REFUSED
         assert "streamer train" in capsys.readouterr().err
 
+    @pytest.mark.usefixtures("_broker_answers")
     def test_exactly_once_checks_the_model_before_kafka(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -68,30 +101,6 @@ class TestExitCodes:
         with pytest.raises(SystemExit) as caught:
             build_parser().parse_args(argv)
         assert caught.value.code == EXIT_USAGE
-
-
-class TtyBuffer(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-class TestProgressBar:
-    def test_draws_on_a_terminal(self) -> None:
-        """On a TTY the bar shows progress and total."""
-        stream = TtyBuffer()
-        bar = ProgressBar(200, stream=stream)
-        bar.update(100, force=True)
-        bar.close()
-        assert "100/200" in stream.getvalue()
-        assert "#" * 15 in stream.getvalue()
-
-    def test_silent_when_not_a_terminal(self) -> None:
-        """Piped output gets no bar."""
-        stream = io.StringIO()
-        bar = ProgressBar(10, stream=stream)
-        bar.update(10, force=True)
-        bar.close()
-        assert stream.getvalue() == ""
 
 
 class TestTuneGarbageCollector:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.settings import load_settings
+from streamer.settings import known_variables, load_settings, unknown_variables
 
 
 class TestDefaults:
@@ -165,4 +165,44 @@ class TestKafkaPassThrough:
     def test_instance_id_is_checked(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("STREAMER_INSTANCE_ID", "has space")
         with pytest.raises(ConfigError, match="STREAMER_INSTANCE_ID"):
+            load_settings()
+
+
+class TestUnknownVariables:
+    def test_a_typo_is_named_with_the_closest_known_variable(self) -> None:
+        """STREAMER_BOOTSTRAP_SERVER (no S) is unknown; the suggestion is the real name."""
+        environ = {"STREAMER_BOOTSTRAP_SERVER": "broker:9092", "STREAMER_INPUT_TOPIC": "t"}
+        assert unknown_variables(environ) == [
+            ("STREAMER_BOOTSTRAP_SERVER", "STREAMER_BOOTSTRAP_SERVERS")
+        ]
+
+    def test_nothing_close_gives_no_suggestion(self) -> None:
+        """An unrelated name is reported without a guess."""
+        assert unknown_variables({"STREAMER_WHATEVER_THIS_IS": "1"}) == [
+            ("STREAMER_WHATEVER_THIS_IS", None)
+        ]
+
+    def test_known_pass_through_and_other_variables_are_not_reported(self) -> None:
+        """Every setting, any STREAMER_KAFKA_* and non-STREAMER_ names pass silently."""
+        environ = {
+            "STREAMER_CONNECT_TIMEOUT": "3",
+            "STREAMER_CARD_STATE": "false",
+            "STREAMER_KAFKA_SASL_MECHANISM": "PLAIN",
+            "STREAMER_FAULT_SCALE": "full",
+            "PATH": "/bin",
+        }
+        assert unknown_variables(environ) == []
+
+    def test_every_setting_is_a_known_variable(self) -> None:
+        """A new setting is known as soon as it exists (the names come from the model)."""
+        known = known_variables()
+        assert {"STREAMER_CONNECT_TIMEOUT", "STREAMER_LOG_LEVEL", "STREAMER_GROUP_ID"} <= known
+
+
+class TestConnectTimeout:
+    def test_default_and_bounds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """15 s by default; zero or negative is refused naming the variable."""
+        assert load_settings().connect_timeout == 15.0
+        monkeypatch.setenv("STREAMER_CONNECT_TIMEOUT", "0")
+        with pytest.raises(ConfigError, match="STREAMER_CONNECT_TIMEOUT"):
             load_settings()

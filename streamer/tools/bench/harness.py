@@ -78,6 +78,7 @@ from streamer.cli import tune_garbage_collector
 from streamer.kafka.changelog import changelog_topic, ensure_changelog
 from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
+from streamer.progress import Progress
 from streamer.serde import encode_transaction
 from streamer.settings import Settings
 from streamer.state.card import CARD_HISTORY_CODEC
@@ -124,7 +125,7 @@ from streamer.tools.bench.report import (
     report_to_json,
     stage_costs,
 )
-from streamer.tools.produce import ProgressBar, publish
+from streamer.tools.produce import publish
 
 START_TIMEOUT: Final = 120.0
 """Longest wait for a started processor to answer its first records (imports, model, join)."""
@@ -294,7 +295,7 @@ class Bench:
         create_topics(self.settings.admin_config(), [topic], partitions=options.partitions)
         log(f"preloading {count:,} events into {topic} ({options.partitions} partitions)")
         producer = OutputProducer(self.settings.producer_config(), name="bench-preload")
-        report = publish(producer, topic, events, progress=ProgressBar(count))
+        report = publish(producer, topic, events, progress=Progress("preload", count))
         producer.errors.raise_if_fatal()
         if report.failed or report.acknowledged != count:
             raise BenchError(

@@ -39,10 +39,10 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from streamer.headers import SOURCE_OFFSET, SOURCE_PARTITION
+from streamer.kafka.admin import admin_client
 from streamer.kafka.clients import (
     ClientErrors,
     OutputProducer,
@@ -227,7 +227,7 @@ def create_topics(
     config: Mapping[str, str] | None = None,
 ) -> None:
     """Create `names` (which must not exist) and wait until every partition has a leader."""
-    admin = AdminClient(dict(admin_config))
+    admin = admin_client(dict(admin_config), "bench-admin")
     futures = admin.create_topics(
         [NewTopic(name, partitions, 1, config=dict(config or {})) for name in names],
         operation_timeout=ADMIN_TIMEOUT,
@@ -257,7 +257,7 @@ def delete_topics(admin_config: Mapping[str, Any], names: Sequence[str]) -> None
     """Best effort: the bench's topics are big and of no use once it has read them."""
     if not names:
         return
-    admin = AdminClient(dict(admin_config))
+    admin = admin_client(dict(admin_config), "bench-admin")
     for name, future in admin.delete_topics(list(names), operation_timeout=ADMIN_TIMEOUT).items():
         try:
             future.result()
