@@ -130,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 after this long with nothing to consume",
     )
 
+    serve = commands.add_parser(
+        "serve", help="score transactions over HTTP with the stream's model and card histories"
+    )
+    _add_common(serve)
+    serve.add_argument("--group-id", help="the scorers' consumer group (whose state to follow)")
+    serve.add_argument("--model-path", type=Path, help="model artefact")
+    serve.add_argument("--threshold", type=float, help="score at or above which is_fraud is true")
+    serve.add_argument("--host", dest="http_host", help="address to listen on")
+    serve.add_argument("--port", dest="http_port", type=positive_int, help="TCP port")
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server processes, each with its own model and card history replica (default 1)",
+    )
+
     train = commands.add_parser("train", help="fit the model and write its artefact and card")
     train.add_argument("--model-path", type=Path, help="where to write the artefact")
     train.add_argument("--seed", type=int, default=None, help="training data seed (default 7)")
@@ -292,6 +308,8 @@ _SETTING_FLAGS = (
     "threshold",
     "processing_guarantee",
     "batch_size",
+    "http_host",
+    "http_port",
 )
 
 
@@ -347,6 +365,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     app.install_signal_handlers()
     tune_garbage_collector()
     app.run(until_idle=args.until_idle)
+    return 0
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.serve.server import serve
+
+    overrides = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    serve(settings, workers=args.workers, overrides=overrides)
     return 0
 
 
@@ -459,6 +485,7 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": _run,
+    "serve": _serve,
     "train": _train,
     "produce": _produce,
     "tail": _tail,
