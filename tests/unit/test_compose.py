@@ -28,7 +28,14 @@ def _streamer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class TestCompose:
     def test_expected_services(self, compose: dict[str, Any]) -> None:
         """Broker, topic creation, training, scorer and an optional producer are there."""
-        assert set(compose["services"]) >= {"kafka", "topics", "train", "streamer", "producer"}
+        assert set(compose["services"]) >= {
+            "kafka",
+            "topics",
+            "train",
+            "streamer",
+            "serve",
+            "producer",
+        }
         assert compose["services"]["producer"]["profiles"] == ["producer"]
 
     def test_broker_image_matches_the_local_broker_version(self, compose: dict[str, Any]) -> None:
@@ -80,6 +87,16 @@ class TestCompose:
         assert scorer["environment"]["STREAMER_MODEL_PATH"] == path
         assert train["volumes"] == scorer["volumes"]
         assert any(path.startswith(v.split(":")[1]) for v in scorer["volumes"])
+
+    def test_serve_follows_the_scorers_state(self, compose: dict[str, Any]) -> None:
+        """`serve` reads the scorer's changelog (same group and broker) and model, on a port."""
+        serve = compose["services"]["serve"]["environment"]
+        scorer = compose["services"]["streamer"]["environment"]
+        for name in ("STREAMER_GROUP_ID", "STREAMER_BOOTSTRAP_SERVERS", "STREAMER_MODEL_PATH"):
+            assert serve[name] == scorer[name], name
+        assert serve["STREAMER_HTTP_HOST"] == "0.0.0.0"
+        port = serve["STREAMER_HTTP_PORT"]
+        assert compose["services"]["serve"]["ports"] == [f"{port}:{port}"]
 
 
 class TestDockerfile:
