@@ -6,9 +6,10 @@ OpenAPI document from the pydantic models below; the bodies are read and checked
 by FastAPI, so that a body is refused by its size before it is parsed and a bad transaction gets
 the stream's dead-letter words (FastAPI's own validation would word it differently).
 
-Scoring runs on the event loop, one request at a time: the work is CPU-bound and holds the GIL,
-so threads would add hand-offs, not throughput; more throughput comes from more worker
-processes (`--workers`), each with its own model and replica.
+Scoring runs on the event loop: the work is CPU-bound and holds the GIL, so threads would add
+hand-offs, not throughput. Requests that wait at the same time are scored together in one
+pipeline call (`scoring.Coalescer`), since the model's cost is mostly per call; more throughput
+comes from more worker processes (`--workers`), each with its own model and replica.
 
 A response never carries a stack trace: an unexpected failure is logged, and answered 500 with a
 line saying so.
@@ -16,6 +17,7 @@ line saying so.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -32,7 +34,7 @@ from streamer import __version__
 from streamer.events import Verdict
 from streamer.serve.metrics import MetricsMiddleware, ServeMetrics
 from streamer.serve.replica import ReplicaStatus
-from streamer.serve.scoring import CardSource, ItemResult, OnlineScorer
+from streamer.serve.scoring import CardSource, Coalescer, ItemResult, OnlineScorer
 
 log = structlog.get_logger(__name__)
 
@@ -179,13 +181,23 @@ def create_app(
     metrics = metrics or ServeMetrics(replica.status)
     token_bytes = None if token is None else token.encode()
 
+    coalescer: Coalescer | None = None
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        nonlocal coalescer
+        coalescer = Coalescer(scorer, max_batch)
+        task = asyncio.create_task(coalescer.run(), name="scoring")
         replica.start()
         try:
             yield
         finally:
+            task.cancel()
             replica.stop()
+
+    async def score_items(items: list[Any]) -> list[ItemResult]:
+        assert coalescer is not None, "the lifespan starts it before any request"
+        return await coalescer.score(items)
 
     app = FastAPI(
         title="streamer",
@@ -266,7 +278,7 @@ def create_app(
         """
         item = await read_json(request, ITEM_BODY_BYTES)
         status = replica_ready()
-        [result] = scorer.score([item])
+        [result] = await score_items([item])
         count([result])
         if result.error is not None:
             return JSONResponse({"error": result.error.as_json()}, status_code=422)
@@ -304,7 +316,7 @@ def create_app(
                 ["transactions"],
             )
         status = replica_ready()
-        results = scorer.score(items)
+        results = await score_items(items)
         count(results)
         refused = sum(result.error is not None for result in results)
         return JSONResponse(

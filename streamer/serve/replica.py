@@ -7,10 +7,10 @@ nothing, writes nothing, and reads `read_committed`, so the state of an aborted 
 transaction is never served. A tombstone deletes the card.
 
 It keeps the latest changelog value of each card as bytes, with where it came from; a request
-decodes a fresh `CardHistory` from them (`history`), so nothing a request does can change the
-replica. At-least-once scorers can write a change whose input offsets they then fail to commit;
-the replica serves it (it is the newest history of the card) and the scorer that re-reads those
-inputs writes the same history again.
+gets a `CardHistory` of its own (`history`: decoded once, then copied), so nothing a request does
+can change the replica. At-least-once scorers can write a change whose input offsets they then
+fail to commit; the replica serves it (it is the newest history of the card) and the scorer that
+re-reads those inputs writes the same history again.
 
 One background thread reads; request handlers read `card` from any thread (a dict look-up of an
 immutable entry, atomic under the GIL).
@@ -91,6 +91,8 @@ class CardReplica:
         self.topic = changelog_topic(group_id, STORE)
         self._config = {**config, "enable.partition.eof": True, "enable.auto.commit": False}
         self._cards: dict[str, CardEntry] = {}
+        self._decoded: dict[str, tuple[CardEntry, CardHistory]] = {}
+        """Histories decoded for requests, by card, with the entry they come from."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors = ClientErrors("changelog replica")
@@ -113,10 +115,17 @@ class CardReplica:
         """The card's latest changelog entry (None: the replica has no history for it)."""
         return self._cards.get(card_id)
 
-    @staticmethod
-    def history(entry: CardEntry) -> CardHistory:
-        """A new `CardHistory` decoded from `entry`: the caller may change it freely."""
-        return CARD_HISTORY_CODEC.decode(entry.value)
+    def history(self, card_id: str, entry: CardEntry) -> CardHistory:
+        """A new `CardHistory` equal to `entry`'s: the caller may change it freely.
+
+        The first request for an entry decodes it (about 0.2 ms for a card with a month of
+        history) and keeps the decoded history; later ones get a copy of it (a few µs). Call it
+        from one thread (the server's event loop).
+        """
+        cached = self._decoded.get(card_id)
+        if cached is None or cached[0] is not entry:
+            cached = self._decoded[card_id] = (entry, CARD_HISTORY_CODEC.decode(entry.value))
+        return cached[1].copy()
 
     def status(self) -> ReplicaStatus:
         now = time.monotonic()
@@ -245,6 +254,7 @@ class CardReplica:
             value = message.value()
             if value is None:
                 cards.pop(card_id, None)
+                self._decoded.pop(card_id, None)
             else:
                 cards[card_id] = CardEntry(value, partition, offset, message.timestamp()[1])
 

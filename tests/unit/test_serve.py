@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from streamer.pipeline import Histories, Pipeline
 from streamer.serde import decode_and_validate, decode_verdict, encode_transaction
 from streamer.serve.http import ITEM_BODY_BYTES, create_app
 from streamer.serve.replica import CardEntry, CardReplica, ReplicaStatus
-from streamer.serve.scoring import OnlineScorer, to_record
+from streamer.serve.scoring import Coalescer, ItemResult, OnlineScorer, to_record
 from streamer.settings import load_settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.synthetic import SyntheticWorld
@@ -42,7 +43,7 @@ class FakeReplica:
     def card(self, card_id: str) -> CardEntry | None:
         return self.cards.get(card_id)
 
-    def history(self, entry: CardEntry) -> CardHistory:
+    def history(self, card_id: str, entry: CardEntry) -> CardHistory:
         if self.fail_history:
             raise RuntimeError("boom in /srv/streamer/replica.py line 12")
         return CARD_HISTORY_CODEC.decode(entry.value)
@@ -435,6 +436,87 @@ class TestOperations:
         assert "streamer_replica_ready 1.0" in text
 
 
+class CountingPipeline(Pipeline):
+    def __init__(self, scorer: Scorer) -> None:
+        super().__init__(scorer, max_event_bytes=MAX_EVENT_BYTES)
+        self.calls: list[int] = []
+
+    def process(self, values: Any, keys: Any, state: Any, **options: Any) -> Any:
+        self.calls.append(len(values))
+        return super().process(values, keys, state, **options)
+
+
+class TestCoalescer:
+    def run(self, coalescer: Coalescer, requests: list[list[Any]]) -> list[list[ItemResult]]:
+        async def main() -> list[list[ItemResult]]:
+            task = asyncio.create_task(coalescer.run())
+            try:
+                return list(await asyncio.gather(*(coalescer.score(r) for r in requests)))
+            finally:
+                task.cancel()
+
+        return asyncio.run(main())
+
+    def test_waiting_requests_share_one_model_call(
+        self, scorer: Scorer, replica: FakeReplica, world: Any
+    ) -> None:
+        """Requests queued together are scored in one call, each result as if alone."""
+        pipeline = CountingPipeline(scorer)
+        online = OnlineScorer(pipeline, replica)
+        requests = [[record] for record in world[1][:8]]
+        alone = [online.score(request)[0].verdict for request in requests]
+        pipeline.calls.clear()
+        together = self.run(Coalescer(online, 1000), requests)
+        assert pipeline.calls == [8]
+        assert [r[0].verdict["score"] for r in together] == [v["score"] for v in alone]  # type: ignore[index]
+
+    def test_requests_of_one_card_never_share_a_call(
+        self, scorer: Scorer, replica: FakeReplica, world: Any
+    ) -> None:
+        """The second request of a card does not see the first: same score, separate calls."""
+        pipeline = CountingPipeline(scorer)
+        online = OnlineScorer(pipeline, replica)
+        record = world[1][0]
+        other = world[1][1]
+        results = self.run(Coalescer(online, 1000), [[record], [other], [record]])
+        assert pipeline.calls == [2, 1]
+        first, third = results[0][0].verdict, results[2][0].verdict
+        assert first is not None
+        assert third is not None
+        assert first["score"] == third["score"]
+
+    def test_a_failing_request_fails_alone(
+        self, scorer: Scorer, replica: FakeReplica, world: Any
+    ) -> None:
+        class Fussy(FakeReplica):
+            def history(self, card_id: str, entry: CardEntry) -> CardHistory:
+                if card_id == world[1][0]["card_id"]:
+                    raise RuntimeError("unreadable")
+                return super().history(card_id, entry)
+
+        online = OnlineScorer(
+            Pipeline(scorer, max_event_bytes=MAX_EVENT_BYTES), Fussy(replica.cards)
+        )
+        coalescer = Coalescer(online, 1000)
+
+        async def main() -> list[Any]:
+            task = asyncio.create_task(coalescer.run())
+            try:
+                return list(
+                    await asyncio.gather(
+                        coalescer.score([world[1][0]]),
+                        coalescer.score([world[1][1]]),
+                        return_exceptions=True,
+                    )
+                )
+            finally:
+                task.cancel()
+
+        failed, scored = asyncio.run(main())
+        assert isinstance(failed, RuntimeError)
+        assert scored[0].verdict is not None
+
+
 class TestToRecord:
     def test_optional_fields_take_the_schema_defaults(self) -> None:
         record = to_record(SAMPLE)
@@ -509,6 +591,23 @@ class TestReplicaRecords:
         replica._apply([_Message(1, 9, b"c", b"y", False)])
         assert not replica.status().caught_up
         assert replica.status().caught_up_once
+
+    def test_each_request_gets_its_own_copy_of_a_history(self, scorer: Scorer, world: Any) -> None:
+        """Changing what `history` gave changes neither the replica nor the next answer."""
+        replica = self.replica()
+        card, history = next(iter(stream_histories(scorer, world[0][:200]).items()))
+        replica._apply([_Message(0, 0, card.encode(), CARD_HISTORY_CODEC.encode(history), False)])
+        entry = replica.card(card)
+        assert entry is not None
+        first = replica.history(card, entry)
+        assert first == history
+        # The pipeline changes the histories it is given in place.
+        record = {**world[1][0], "card_id": card}
+        Pipeline(scorer, max_event_bytes=MAX_EVENT_BYTES).process(
+            [encode_transaction(record)], [card.encode()], Histories({card: first})
+        )
+        assert first != history
+        assert replica.history(card, entry) == history
 
     def test_the_topic_is_the_groups_card_changelog(self) -> None:
         assert CardReplica({}, "scorers").topic == "scorers-card-state-changelog"
