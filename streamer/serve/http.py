@@ -34,7 +34,13 @@ from streamer import __version__
 from streamer.events import Verdict
 from streamer.serve.metrics import MetricsMiddleware, ServeMetrics
 from streamer.serve.replica import ReplicaStatus
-from streamer.serve.scoring import CardSource, Coalescer, ItemResult, OnlineScorer
+from streamer.serve.scoring import (
+    CardSource,
+    Coalescer,
+    ItemResult,
+    OnlineScorer,
+    OverloadedError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +168,10 @@ _REFUSALS: Final[dict[int | str, dict[str, Any]]] = {
     401: {"model": ErrorOut, "description": "No or a wrong bearer token; nothing scored."},
     413: {"model": ErrorOut, "description": "Body too large; refused unread."},
     422: {"model": ErrorOut, "description": "Not a valid transaction (the dead-letter reason)."},
-    503: {"model": ErrorOut, "description": "Card histories not caught up yet."},
+    503: {
+        "model": ErrorOut,
+        "description": "Card histories not caught up yet, or too many transactions waiting.",
+    },
 }
 
 
@@ -197,7 +206,13 @@ def create_app(
 
     async def score_items(items: list[Any]) -> list[ItemResult]:
         assert coalescer is not None, "the lifespan starts it before any request"
-        return await coalescer.score(items)
+        try:
+            return await coalescer.score(items)
+        except OverloadedError as exc:
+            metrics.overloaded.inc()
+            raise ApiError(
+                503, "request", f"overloaded, retry shortly: {exc}", **{"Retry-After": "1"}
+            ) from None
 
     app = FastAPI(
         title="streamer",

@@ -59,6 +59,11 @@ class ServeMetrics:
             ["stage"],
             registry=self.registry,
         )
+        self.overloaded = Counter(
+            "streamer_http_overloaded_requests",
+            "Requests refused (503) because too many transactions were waiting to be scored.",
+            registry=self.registry,
+        )
         self.registry.register(_ReplicaCollector(replica_status))
 
     def exposition(self) -> bytes:

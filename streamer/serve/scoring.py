@@ -240,6 +240,14 @@ def _freshness(entry: CardEntry | None) -> dict[str, Any]:
     }
 
 
+_SETTLE_TURNS: Final = 8
+"""Most event loop turns a scoring call waits for requests still on their way to the queue."""
+
+
+class OverloadedError(Exception):
+    """Too many transactions are waiting to be scored; the request is refused unscored."""
+
+
 class Coalescer:
     """Scores the requests that wait at the same time in one pipeline call.
 
@@ -253,18 +261,32 @@ class Coalescer:
     Two requests with a card in common never share a call (the pipeline applies a call's
     transactions of a card one after another, and one request must not see another's), and a
     call takes requests in arrival order up to `max_items` transactions (the first always).
+    At most `max_queued` transactions wait (default twice `max_items`, a fraction of a second of
+    scoring); beyond that a request is refused at once (`OverloadedError`).
     """
 
-    def __init__(self, scorer: OnlineScorer, max_items: int) -> None:
+    def __init__(self, scorer: OnlineScorer, max_items: int, max_queued: int | None = None) -> None:
         self.scorer = scorer
         self._max_items = max_items
+        self._max_queued = 2 * max_items if max_queued is None else max_queued
+        self._queued = 0
         self._queue: list[tuple[Sequence[Any], asyncio.Future[list[ItemResult]]]] = []
         self._wake = asyncio.Event()
 
     async def score(self, items: Sequence[Any]) -> list[ItemResult]:
-        """`OnlineScorer.score(items)`, scored with whatever else is waiting."""
+        """`OnlineScorer.score(items)`, scored with whatever else is waiting.
+
+        Raises `OverloadedError` when more than `max_queued` transactions are waiting already:
+        a server that queued without bound would answer every request late, and go on scoring
+        requests whose clients have given up.
+        """
+        if self._queued + len(items) > self._max_queued and self._queue:
+            raise OverloadedError(
+                f"{self._queued} transactions are waiting to be scored (limit {self._max_queued})"
+            )
         future: asyncio.Future[list[ItemResult]] = asyncio.get_running_loop().create_future()
         self._queue.append((items, future))
+        self._queued += len(items)
         self._wake.set()
         return await future
 
@@ -274,9 +296,16 @@ class Coalescer:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                # Requests read while the last call ran need a few turns of the event loop to
+                # reach the queue: wait until it stops growing, so they go in this call.
+                for _ in range(_SETTLE_TURNS):
+                    waiting = len(self._queue)
+                    await asyncio.sleep(0)
+                    if len(self._queue) == waiting:
+                        break
                 round_ = self._take()
+                self._queued -= sum(len(items) for items, _ in round_)
                 self._score(round_)
-                await asyncio.sleep(0)  # let the event loop answer and read new requests
 
     def _take(self) -> list[tuple[Sequence[Any], asyncio.Future[list[ItemResult]]]]:
         taken: list[tuple[Sequence[Any], asyncio.Future[list[ItemResult]]]] = []

@@ -21,7 +21,13 @@ from streamer.pipeline import Histories, Pipeline
 from streamer.serde import decode_and_validate, decode_verdict, encode_transaction
 from streamer.serve.http import ITEM_BODY_BYTES, create_app
 from streamer.serve.replica import CardEntry, CardReplica, ReplicaStatus
-from streamer.serve.scoring import Coalescer, ItemResult, OnlineScorer, to_record
+from streamer.serve.scoring import (
+    Coalescer,
+    ItemResult,
+    OnlineScorer,
+    OverloadedError,
+    to_record,
+)
 from streamer.settings import load_settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.synthetic import SyntheticWorld
@@ -484,6 +490,27 @@ class TestCoalescer:
         assert first is not None
         assert third is not None
         assert first["score"] == third["score"]
+
+    def test_beyond_the_queue_limit_a_request_is_refused(
+        self, scorer: Scorer, replica: FakeReplica, world: Any
+    ) -> None:
+        """Too many waiting: refused at once; the waiting one is still scored."""
+        online = OnlineScorer(Pipeline(scorer, max_event_bytes=MAX_EVENT_BYTES), replica)
+        coalescer = Coalescer(online, 1000, max_queued=1)
+
+        async def main() -> list[ItemResult]:
+            first = asyncio.ensure_future(coalescer.score([world[1][0]]))
+            await asyncio.sleep(0)
+            with pytest.raises(OverloadedError, match="1 transactions are waiting"):
+                await coalescer.score([world[1][1]])
+            task = asyncio.create_task(coalescer.run())
+            try:
+                return await first
+            finally:
+                task.cancel()
+
+        [result] = asyncio.run(main())
+        assert result.verdict is not None
 
     def test_a_failing_request_fails_alone(
         self, scorer: Scorer, replica: FakeReplica, world: Any
