@@ -32,7 +32,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_MODEL_REFUSED = 3
 EXIT_INTERRUPTED = 130
-KAFKA_COMMANDS = frozenset({"run", "produce", "tail", "topics", "demo", "audit", "dlq"})
+KAFKA_COMMANDS = frozenset({"run", "produce", "tail", "topics", "demo", "audit", "dlq", "serve"})
 """Commands that talk to Kafka: their client settings are checked before they start."""
 YOUNG_COLLECTION_THRESHOLD = 20_000
 """Net allocations between two collections of the youngest generation in `streamer run`
@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the broker create missing input, output and dead-letter topics (its "
         "auto.create.topics.enable, with its default settings) instead of exiting 2",
+    )
+
+    serve = commands.add_parser(
+        "serve", help="score transactions over HTTP with the stream's model and card histories"
+    )
+    _add_common(serve)
+    serve.add_argument("--group-id", help="the scorers' consumer group (whose state to follow)")
+    serve.add_argument("--model-path", type=Path, help="model artefact")
+    serve.add_argument("--threshold", type=float, help="score at or above which is_fraud is true")
+    serve.add_argument("--host", dest="http_host", help="address to listen on")
+    serve.add_argument("--port", dest="http_port", type=positive_int, help="TCP port")
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server processes, each with its own model and card history replica (default 1)",
     )
 
     train = commands.add_parser("train", help="fit the model and write its artefact and card")
@@ -351,6 +367,8 @@ _SETTING_FLAGS = (
     "threshold",
     "processing_guarantee",
     "batch_size",
+    "http_host",
+    "http_port",
 )
 
 
@@ -476,6 +494,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+    return 0
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.serve.server import serve
+
+    overrides = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    serve(settings, workers=args.workers, overrides=overrides)
     return 0
 
 
@@ -628,6 +654,7 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": _run,
+    "serve": _serve,
     "train": _train,
     "model": _model,
     "produce": _produce,

@@ -141,6 +141,18 @@ class Settings(BaseSettings):
     """Seconds a command waits at start-up for a first answer from a broker; none answering,
     it exits 1 naming the bootstrap servers."""
 
+    http_host: str = Field(default="127.0.0.1", min_length=1)
+    """`streamer serve`: the address to listen on (`0.0.0.0` for every interface)."""
+
+    http_port: int = Field(default=8080, ge=1, le=65_535)
+    """`streamer serve`: the TCP port to listen on."""
+
+    http_token: SecretStr | None = None
+    """`streamer serve`: when set, `/v1/*` requests need `Authorization: Bearer <token>`."""
+
+    http_max_batch: int = Field(default=1000, ge=1, le=100_000)
+    """`streamer serve`: most transactions in one `POST /v1/score/batch`."""
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
 
@@ -167,6 +179,13 @@ class Settings(BaseSettings):
     def _valid_topic(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value) or value in {".", ".."}:
             raise ValueError("a topic name is 1-249 of the characters A-Z a-z 0-9 . _ -")
+        return value
+
+    @field_validator("http_token")
+    @classmethod
+    def _non_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("an empty token; unset the variable to serve without one")
         return value
 
     @field_validator("kafka")
@@ -255,6 +274,25 @@ class Settings(BaseSettings):
             # A restore ends at the first empty fetch of each partition (its end of partition):
             # the broker's default wait for data (500 ms) would be added to every restore.
             "fetch.wait.max.ms": 10,
+        }
+        config.update(self._common())
+        return config
+
+    def replica_reader_config(self) -> dict[str, Any]:
+        """`streamer serve`'s changelog follower: assigned every partition, never subscribed.
+
+        It joins no group and commits nothing (the group id only names it to the broker), and
+        always reads committed records: an aborted exactly-once transaction's state is never
+        served.
+        """
+        config: dict[str, Any] = {
+            "group.id": f"{self.group_id}.serve-replica",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 50,
         }
         config.update(self._common())
         return config

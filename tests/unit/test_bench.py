@@ -831,3 +831,31 @@ class TestMedianRun:
 
         assert chosen.events_per_second == pytest.approx(40_000.0)
         assert chosen.note == "median of 2 runs (80,000, 40,000 events/s); 2 duplicates"
+
+
+class TestServeBench:
+    def test_worker_counts_parse(self) -> None:
+        from streamer.tools.bench.__main__ import parse_workers
+
+        assert parse_workers("1,2") == (1, 2)
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_workers("0,2")
+
+    def test_best_rate_is_the_highest_tried_within_the_target(self) -> None:
+        from streamer.tools.bench.serve import (
+            RateResult,
+            ServeBenchOptions,
+            WorkersResult,
+            _table,
+        )
+
+        result = WorkersResult(1, 10, 1.0, 10.0)
+        result.rates = [
+            RateResult(200, 3.0, 12.0, 15.0, 1.0, 1000),
+            RateResult(500, 6.0, 19.9, 25.0, 1.0, 2500),
+            RateResult(1000, 40.0, 300.0, 400.0, 1.0, 5000),
+        ]
+        assert result.best_rate == 500
+        table = _table([result], ServeBenchOptions(rates=(200, 500, 1000)))
+        assert "| 500/s |" in table
+        assert "40.0 / 300.0 ms (100%)" in table

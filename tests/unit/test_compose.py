@@ -27,9 +27,10 @@ def _streamer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 class TestCompose:
     def test_expected_services(self, compose: dict[str, Any]) -> None:
-        """Broker, topics, training, scorer, Prometheus and an optional producer are there."""
+        """Broker, topics, training, scorer, Prometheus, the HTTP server and an optional producer
+        are there."""
         assert set(compose["services"]) >= {
-            "kafka", "topics", "train", "streamer", "prometheus", "producer"
+            "kafka", "topics", "train", "streamer", "prometheus", "serve", "producer"
         }  # fmt: skip
         assert compose["services"]["producer"]["profiles"] == ["producer"]
 
@@ -82,6 +83,16 @@ class TestCompose:
         assert scorer["environment"]["STREAMER_MODEL_PATH"] == path
         assert train["volumes"] == scorer["volumes"]
         assert any(path.startswith(v.split(":")[1]) for v in scorer["volumes"])
+
+    def test_serve_follows_the_scorers_state(self, compose: dict[str, Any]) -> None:
+        """`serve` reads the scorer's changelog (same group and broker) and model, on a port."""
+        serve = compose["services"]["serve"]["environment"]
+        scorer = compose["services"]["streamer"]["environment"]
+        for name in ("STREAMER_GROUP_ID", "STREAMER_BOOTSTRAP_SERVERS", "STREAMER_MODEL_PATH"):
+            assert serve[name] == scorer[name], name
+        assert serve["STREAMER_HTTP_HOST"] == "0.0.0.0"
+        port = serve["STREAMER_HTTP_PORT"]
+        assert compose["services"]["serve"]["ports"] == [f"{port}:{port}"]
 
 
 class TestDockerfile:

@@ -45,6 +45,17 @@ def parse_rates(text: str) -> tuple[float, ...]:
     return tuple(rates)
 
 
+def parse_workers(text: str) -> tuple[int, ...]:
+    """`1,2` → (1, 2); each at least 1."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be at least 1, got {text}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streamer.tools.bench",
@@ -77,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out-dir", type=Path, help="results folder (default bench-results)")
     run.add_argument("--kafka-version", help="broker version, for the report")
+
+    serve = commands.add_parser("serve", help="streamer serve under load (needs vegeta)")
+    serve.add_argument("--bootstrap-servers", help="Kafka bootstrap servers")
+    serve.add_argument("--model-path", type=Path, help="model artefact (default: the settings')")
+    serve.add_argument("--rates", type=parse_rates, help="/v1/score rates, requests/s")
+    serve.add_argument("--seconds", type=positive_float, help="measured seconds per rate")
+    serve.add_argument(
+        "--workers", type=parse_workers, help="worker process counts to measure (default 1,2)"
+    )
+    serve.add_argument("--cards", type=positive_int, help="cards with history (default 20,000)")
+    serve.add_argument(
+        "--history-events", type=positive_int, help="events behind the histories (default 200,000)"
+    )
+    serve.add_argument("--vegeta", help="the vegeta binary (default: on PATH or in ~/go/bin)")
+    serve.add_argument("--out-dir", type=Path, help="results folder (default bench-results)")
 
     passthrough = commands.add_parser("passthrough", help="the limit: forward records untouched")
     passthrough.add_argument("--bootstrap-servers")
@@ -114,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "passthrough":
             return _passthrough(args)
+        if args.command == "serve":
+            return _serve(args)
         # SIGTERM (scripts/bench passes its signals on) unwinds like Ctrl-C: the processors
         # are stopped and the topics deleted on the way out.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -135,6 +163,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(written.table, end="")
     print(f"bench: results in {written.directory}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from streamer.tools.bench.serve import ServeBenchOptions, run_serve_bench
+
+    settings = load_settings(bootstrap_servers=args.bootstrap_servers)
+    configure_logging(settings.log_format, "warning")
+    flags = {
+        "rates": args.rates,
+        "seconds": args.seconds,
+        "workers": args.workers,
+        "cards": args.cards,
+        "history_events": args.history_events,
+        "vegeta": args.vegeta,
+        "out_dir": args.out_dir,
+    }
+    options = ServeBenchOptions(**{name: value for name, value in flags.items() if value})
+    print(run_serve_bench(settings, options, args.model_path or settings.model_path), end="")
     return 0
 
 
