@@ -15,9 +15,9 @@ model fails on has already been added (it happened, whatever its score).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -25,7 +25,12 @@ import structlog
 from streamer.errors import RecordError, ScoreError
 from streamer.features import build_features_from_columns
 from streamer.model.scorer import Scorer
-from streamer.serde import TransactionBatch, decode_and_validate, encode_verdicts
+from streamer.serde import (
+    TransactionBatch,
+    decode_and_validate,
+    encode_verdicts,
+    validate_columns,
+)
 from streamer.state.card import CardHistory
 
 log = structlog.get_logger(__name__)
@@ -101,10 +106,36 @@ class Pipeline:
         `scored_at` (ms) goes in every verdict; default now. Never raises for a bad record: its
         error is in `Scored.errors` and its verdict is None.
         """
-        scorer = self.scorer  # read once: a batch is scored by one model throughout
         batch = decode_and_validate(values, keys, self._max_event_bytes)
         if laps is not None:
             laps.lap("decode")
+        return self._score_batch(batch, len(values), state, scored_at, laps)
+
+    def process_columns(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        state: StateView,
+        *,
+        scored_at: int | None = None,
+    ) -> Scored:
+        """`process` for records held by field (a file's rows): record i is columns[name][i].
+
+        `columns` is as `serde.validate_columns` takes it; validation, features, scoring and
+        verdicts are those of `process`, and indexes in `Scored` are positions in the columns.
+        """
+        batch = validate_columns(columns)
+        return self._score_batch(batch, len(columns["transaction_id"]), state, scored_at, None)
+
+    def _score_batch(
+        self,
+        batch: TransactionBatch,
+        count: int,
+        state: StateView,
+        scored_at: int | None,
+        laps: Laps | None,
+    ) -> Scored:
+        """Features, scores and verdicts of the good records of `batch` (of `count` records)."""
+        scorer = self.scorer  # read once: a batch is scored by one model throughout
         histories = state.checkout(batch.indexes, batch.columns["card_id"])
         features = build_features_from_columns(batch.columns, histories)
         if laps is not None:
@@ -122,7 +153,7 @@ class Pipeline:
             model_version=scorer.version,
             scored_at=time.time_ns() // 1_000_000 if scored_at is None else scored_at,
         )
-        verdicts: list[bytes | None] = [None] * len(values)
+        verdicts: list[bytes | None] = [None] * count
         errors: dict[int, RecordError] = dict(batch.errors)
         flagged = 0
         for index, score, value in zip(batch.indexes, score_list, encoded, strict=True):

@@ -393,7 +393,41 @@ def decode_and_validate(
         indexes.append(index)
         rows.append(row)
 
-    good_keys = [keys[i] for i in indexes]
+    return _validated(indexes, rows, [keys[i] for i in indexes], errors)
+
+
+def validate_columns(columns: Mapping[str, Sequence[Any]]) -> TransactionBatch:
+    """Validate records held by field, as `decode_and_validate` validates decoded values.
+
+    For records that come from somewhere other than Avro bytes (a file's rows): `columns` maps
+    every name of `TRANSACTION_FIELDS` to one value per record, each of the type
+    `decode_transaction` gives (str, int, float, bool, None). Record i's key is its card_id.
+    The good records and the errors come back as from `decode_and_validate` (indexes are
+    positions in the columns); the rules and the reasons are the same, as the same code checks
+    them. Raises `ValueError` if a column is missing or the columns differ in length.
+    """
+    missing = [name for name in TRANSACTION_FIELDS if name not in columns]
+    if missing:
+        raise ValueError(f"missing columns: {', '.join(missing)}")
+    fields = [columns[name] for name in TRANSACTION_FIELDS]
+    count = len(fields[0])
+    if any(len(values) != count for values in fields):
+        raise ValueError("columns differ in length")
+    card_ids = columns["card_id"]
+    # The verdict's wire pieces, as `_read_transaction` cuts them out of an encoded value.
+    ids = map(bytes.__add__, map(_string, columns["transaction_id"]), map(_string, card_ids))
+    rows = list(zip(*fields, ids, map(_long, columns["event_time"]), strict=True))
+    keys: list[bytes | None] = [card_id.encode() for card_id in card_ids]
+    return _validated(list(range(count)), rows, keys, [])
+
+
+def _validated(
+    indexes: list[int],
+    rows: list[tuple[Any, ...]],
+    good_keys: Sequence[bytes | None],
+    errors: list[tuple[int, RecordError]],
+) -> TransactionBatch:
+    """The batch of decoded `rows` (of the records `indexes`) after the domain rules."""
     columns, wire = _transpose(rows)
     invalid: set[int] = set()
     for position in screen_transactions(columns, good_keys):
