@@ -138,6 +138,7 @@ def score_file(
         scored=report.scored,
         rejected=report.rejected,
         flagged=report.flagged,
+        seconds=round(report.seconds, 3),
         rows_per_second=round(report.rows / max(report.seconds, 1e-9)),
         model_name=scorer.name,
         model_version=scorer.version,

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import fastavro
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +20,7 @@ from streamer.files import load_rows
 from streamer.model.artifact import ModelCard, card_path_for
 from streamer.model.scorer import Scorer
 from streamer.model.train import FRACTION_SPLIT, MIN_TRAINING_DAYS, train_from_file
-from streamer.serde import decode_and_validate, encode_transaction
+from streamer.serde import TRANSACTION_SCHEMA, decode_and_validate, encode_transaction
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from tests.files_support import events_table, read_any, write_events
 
@@ -86,6 +87,22 @@ class TestReading:
         assert list(rows.problems) == [1]
         assert rows.problems[1].stage == "decode"
         assert str(rows.problems[1]).startswith(reason)
+
+    def test_avro_container_files_are_read(self, tmp_path: Path) -> None:
+        """An Avro object container file with transaction.avsc's fields (and a label) reads."""
+        events = history(count=50)
+        schema = dict(TRANSACTION_SCHEMA)
+        schema["fields"] = [*schema["fields"], {"name": "is_fraud", "type": "boolean"}]
+        path = tmp_path / "history.avro"
+        with path.open("wb") as stream:
+            fastavro.writer(stream, schema, [dict(e.record, is_fraud=e.is_fraud) for e in events])
+        rows = load_rows(path, label_column="is_fraud")
+        assert rows.problems == {}
+        assert rows.columns.column("event_time").to_pylist() == [
+            e.record["event_time"] for e in events
+        ]
+        assert rows.labels is not None
+        assert rows.labels.tolist() == [e.is_fraud for e in events]
 
     def test_a_missing_column_stops_with_its_name(self, tmp_path: Path) -> None:
         """A file without a required field is refused as a whole, naming the column."""
