@@ -204,11 +204,16 @@ def load_rows(path: Path, *, label_column: str | None = None, require_label: boo
     labels = None
     if label_column is not None:
         column = source.column(label_column).combine_chunks()
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        if _is_text(column.type):
+            column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
         try:
             flags, bad = _to_boolean(column)
         except _WrongTypeError as exc:
             raise DataFileError(f"{path}: label column {label_column}: {exc}") from None
-        for row, problem in bad:
+        bad += [(row, "missing") for row in _null_rows(column)]
+        for row, problem in sorted(bad):
             problems.setdefault(row, []).append(
                 f"{label_column}: the label must be 0 or 1 ({problem})"
             )
@@ -246,14 +251,18 @@ def _convert(name: str, column: pa.Array, *, text_nulls: bool) -> tuple[pa.Array
     """`column` as the field `name`'s type, null where a cell fails, with those cells' problems."""
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
+    cells = column
+    if name not in TEXT_FIELDS and _is_text(column.type):
+        # An empty cell is a missing value (null where the field may be null), not a bad one.
+        cells = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
     if name == "event_time":
-        converted, bad = _to_millis(column)
+        converted, bad = _to_millis(cells)
     elif name in TEXT_FIELDS:
-        converted, bad = _to_text(column)
+        converted, bad = _to_text(cells)
     elif name in NUMBER_FIELDS:
-        converted, bad = _to_number(column)
+        converted, bad = _to_number(cells)
     else:
-        converted, bad = _to_boolean(column)
+        converted, bad = _to_boolean(cells)
     if name in OPTIONAL_FIELDS:
         if text_nulls and name in TEXT_FIELDS:  # CSV has no null but the empty cell
             converted = pc.if_else(pc.equal(converted, ""), pa.scalar(None, pa.string()), converted)
@@ -294,9 +303,7 @@ def _cast_cells(column: pa.Array, target: pa.DataType, problem: str) -> tuple[pa
             values.append(pc.cast(cell, target)[0].as_py())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             values.append(None)
-            shown = cell[0].as_py()
-            if shown != "":  # an empty cell is reported as a missing value
-                bad.append((row, f"{problem} (got {_shown(shown)})"))
+            bad.append((row, f"{problem} (got {_shown(cell[0].as_py())})"))
     return pa.array(values, type=target), bad
 
 
@@ -330,7 +337,6 @@ def _to_boolean(column: pa.Array) -> tuple[pa.Array, Problems]:
         outside = pc.and_(pc.invert(pc.is_in(column, value_set=allowed)), pc.is_valid(column))
         rows = np.flatnonzero(outside.to_numpy(zero_copy_only=False)).tolist()
         bad = [(row, f"not a boolean (got {_shown(column[row].as_py())})") for row in rows]
-        bad = [(row, text) for row, text in bad if column[row].as_py() != ""]
         kept = pc.if_else(outside, pa.scalar(None, column.type), column)
         return pc.cast(kept, pa.bool_()), bad
     raise _WrongTypeError(f"expected a boolean, the file has {data_type}")

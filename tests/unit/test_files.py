@@ -74,6 +74,7 @@ class TestReading:
             ({"amount": "12,50"}, "amount: not a number (got '12,50')"),
             ({"card_present": "maybe"}, "card_present: not a boolean (got 'maybe')"),
             ({"merchant_id": ""}, "merchant_id: missing value"),
+            ({"amount": ""}, "amount: missing value"),
         ],
     )
     def test_a_bad_cell_is_a_decode_problem_naming_its_column(
@@ -278,6 +279,7 @@ class TestTrainOnFile:
                 r"row 3 \(decode\): is_fraud: the label must be 0 or 1 \(not a boolean \(got 2\)\)",
             ),
             ("no_fraud", "no row has is_fraud = 1"),
+            ("label_empty", r"row 3 \(decode\): is_fraud: the label must be 0 or 1 \(missing\)"),
             ("few_rows", "500 rows; training needs at least 1,000"),
             ("no_label", "missing column is_fraud"),
             ("bad_currency", r"row 4 \(validate\): currency: unknown ISO 4217"),
@@ -292,6 +294,8 @@ class TestTrainOnFile:
         labels = table.column("is_fraud").to_pylist()
         if change == "label_2":
             labels[2] = 2
+        if change == "label_empty":
+            labels[2] = None
         if change == "no_fraud":
             labels = [0] * len(labels)
         table = table.set_column(12, "is_fraud", pa.array(labels))
