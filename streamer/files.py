@@ -489,12 +489,14 @@ class Progress:
         self._clock = clock
         self._started = clock()
         self._next = self._started + self._interval
+        self._shown = -1
 
     def update(self, done: int, *, final: bool = False) -> None:
         now = self._clock()
-        if not final and now < self._next:
+        if (not final and now < self._next) or (final and done == self._shown and not self._tty):
             return
         self._next = now + self._interval
+        self._shown = done
         rate = done / max(now - self._started, 1e-9)
         if self._tty:
             filled = 30 * done // self._total

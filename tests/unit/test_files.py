@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -12,11 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from structlog.testing import capture_logs
 
 from streamer.cli import main
 from streamer.errors import DataFileError
 from streamer.features import FEATURE_ORDER, build_features
-from streamer.files import load_rows
+from streamer.files import Progress, load_rows
 from streamer.model.artifact import ModelCard, card_path_for
 from streamer.model.scorer import Scorer
 from streamer.model.train import FRACTION_SPLIT, MIN_TRAINING_DAYS, train_from_file
@@ -313,3 +315,33 @@ class TestTrainOnFile:
         assert code == 2
         assert re.search(message, capsys.readouterr().err)
         assert list(tmp_path.iterdir()) == [data]
+
+
+class TestProgress:
+    def test_log_lines_off_a_terminal(self) -> None:
+        """Not a TTY: a progress log line per interval and one at the end, never twice."""
+        clock = iter([0.0, 1.0, 11.0, 12.0, 13.0]).__next__
+        progress = Progress("features", 100, stream=io.StringIO(), interval=10.0, clock=clock)
+        with capture_logs() as logs:
+            progress.update(10)  # 1 s: too soon
+            progress.update(50)  # 11 s
+            progress.update(100)  # 12 s: too soon
+            progress.update(100, final=True)
+        assert [(line["event"], line["done"]) for line in logs] == [
+            ("progress", 50),
+            ("progress", 100),
+        ]
+
+    def test_a_bar_on_a_terminal(self) -> None:
+        """On a TTY the pass draws one line that it redraws, ended by the final update."""
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        stream = Terminal()
+        progress = Progress("scoring", 4, stream=stream, clock=iter([0.0, 1.0, 2.0]).__next__)
+        progress.update(2)
+        progress.update(4, final=True)
+        assert stream.getvalue().startswith("\rscoring [###############...............] 2/4")
+        assert stream.getvalue().endswith("\n")
