@@ -265,11 +265,11 @@ class TestTrainOnFile:
 
     def test_a_short_history_is_split_by_time_fractions(self, tmp_path: Path) -> None:
         """Under seven UTC days: 60/20/20 of the rows in time order, recorded on the card."""
-        events = list(SyntheticWorld(6, events_per_day=4_000, n_cards=500).generate(12_000))
+        events = list(SyntheticWorld(6, events_per_day=4_000, n_cards=500).generate(5_000))
         data = write_events(events_table(events), tmp_path / "short.csv")
         card = train_from_file(tmp_path / "m.skops", data)
         sizes = {name: split["size"] for name, split in card.training["splits"].items()}
-        assert sizes["train"] == pytest.approx(FRACTION_SPLIT[0] * 12_000, abs=5)
+        assert sizes["train"] == pytest.approx(FRACTION_SPLIT[0] * 5_000, abs=5)
         assert "time fractions" in card.training["split"]
         assert set(card.training["split_boundaries"]) == {"validation_from", "test_from"}
 
