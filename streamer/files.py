@@ -436,7 +436,9 @@ class TableWriter:
         if self._kind == "csv":
             for index, field in enumerate(table.schema):
                 if pa.types.is_timestamp(field.type):
-                    text = pc.strftime(table.column(index).cast(_MS), format="%Y-%m-%dT%H:%M:%SZ")
+                    text = pc.strftime(
+                        pc.cast(table.column(index), _MS, safe=False), format="%Y-%m-%dT%H:%M:%SZ"
+                    )
                     table = table.set_column(index, field.name, text)
         self._writer.write_table(table.select(self._schema.names).cast(self._schema))
         self.rows += table.num_rows
