@@ -1,7 +1,7 @@
 """The `streamer` command: parse flags, build Settings once, call one function per command.
 
 Exit status: 0 success, 1 a runtime failure (Kafka, delivery) or what `streamer audit` reports
-as a failure, 2 bad usage or configuration, 3 a refused model.
+as a failure, 2 bad usage, configuration or data file, 3 a refused model.
 """
 
 from __future__ import annotations
