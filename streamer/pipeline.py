@@ -75,7 +75,8 @@ class Scored:
     features: np.ndarray
     """The feature matrix the scores come from, a row per good record."""
     verdicts: list[bytes | None]
-    """Per input record: its encoded verdict, or None when `errors` has its error."""
+    """Per input record: its encoded verdict (b"" when not asked to encode), or None when
+    `errors` has its error."""
     errors: dict[int, RecordError]
     """Per failed input record (by index): why (stage decode, validate or score)."""
     flagged: int
@@ -117,14 +118,18 @@ class Pipeline:
         state: StateView,
         *,
         scored_at: int | None = None,
+        encode: bool = True,
     ) -> Scored:
         """`process` for records held by field (a file's rows): record i is columns[name][i].
 
         `columns` is as `serde.validate_columns` takes it; validation, features, scoring and
         verdicts are those of `process`, and indexes in `Scored` are positions in the columns.
+        With `encode` false the verdicts are not encoded (a caller that writes them another
+        way): `Scored.verdicts` then holds b"" for each record with a verdict.
         """
-        batch = validate_columns(columns)
-        return self._score_batch(batch, len(columns["transaction_id"]), state, scored_at, None)
+        batch = validate_columns(columns, wire=encode)
+        count = len(columns["transaction_id"])
+        return self._score_batch(batch, count, state, scored_at, None, encode=encode)
 
     def _score_batch(
         self,
@@ -133,6 +138,8 @@ class Pipeline:
         state: StateView,
         scored_at: int | None,
         laps: Laps | None,
+        *,
+        encode: bool = True,
     ) -> Scored:
         """Features, scores and verdicts of the good records of `batch` (of `count` records)."""
         scorer = self.scorer  # read once: a batch is scored by one model throughout
@@ -145,13 +152,17 @@ class Pipeline:
             laps.lap("predict")
         threshold = scorer.threshold
         score_list: list[float] = scores.tolist()
-        encoded = encode_verdicts(
-            batch,
-            score_list,
-            threshold=threshold,
-            model_name=scorer.name,
-            model_version=scorer.version,
-            scored_at=time.time_ns() // 1_000_000 if scored_at is None else scored_at,
+        encoded = (
+            encode_verdicts(
+                batch,
+                score_list,
+                threshold=threshold,
+                model_name=scorer.name,
+                model_version=scorer.version,
+                scored_at=time.time_ns() // 1_000_000 if scored_at is None else scored_at,
+            )
+            if encode
+            else [b""] * len(score_list)
         )
         verdicts: list[bytes | None] = [None] * count
         errors: dict[int, RecordError] = dict(batch.errors)

@@ -23,6 +23,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Final
 
@@ -396,7 +397,9 @@ def decode_and_validate(
     return _validated(indexes, rows, [keys[i] for i in indexes], errors)
 
 
-def validate_columns(columns: Mapping[str, Sequence[Any]]) -> TransactionBatch:
+def validate_columns(
+    columns: Mapping[str, Sequence[Any]], *, wire: bool = True
+) -> TransactionBatch:
     """Validate records held by field, as `decode_and_validate` validates decoded values.
 
     For records that come from somewhere other than Avro bytes (a file's rows): `columns` maps
@@ -404,7 +407,9 @@ def validate_columns(columns: Mapping[str, Sequence[Any]]) -> TransactionBatch:
     `decode_transaction` gives (str, int, float, bool, None). Record i's key is its card_id.
     The good records and the errors come back as from `decode_and_validate` (indexes are
     positions in the columns); the rules and the reasons are the same, as the same code checks
-    them. Raises `ValueError` if a column is missing or the columns differ in length.
+    them. With `wire` false the batch lacks what `encode_verdicts` needs (a caller that does
+    not encode verdicts saves building it). Raises `ValueError` if a column is missing or the
+    columns differ in length.
     """
     missing = [name for name in TRANSACTION_FIELDS if name not in columns]
     if missing:
@@ -414,9 +419,12 @@ def validate_columns(columns: Mapping[str, Sequence[Any]]) -> TransactionBatch:
     if any(len(values) != count for values in fields):
         raise ValueError("columns differ in length")
     card_ids = columns["card_id"]
-    # The verdict's wire pieces, as `_read_transaction` cuts them out of an encoded value.
-    ids = map(bytes.__add__, map(_string, columns["transaction_id"]), map(_string, card_ids))
-    rows = list(zip(*fields, ids, map(_long, columns["event_time"]), strict=True))
+    if wire:
+        # The verdict's wire pieces, as `_read_transaction` cuts them out of an encoded value.
+        ids = map(bytes.__add__, map(_string, columns["transaction_id"]), map(_string, card_ids))
+        rows = list(zip(*fields, ids, map(_long, columns["event_time"]), strict=True))
+    else:
+        rows = list(zip(*fields, repeat(b"", count), repeat(b"", count), strict=True))
     keys: list[bytes | None] = [card_id.encode() for card_id in card_ids]
     return _validated(list(range(count)), rows, keys, [])
 

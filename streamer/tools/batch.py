@@ -116,7 +116,8 @@ def score_file(
         for chunk, columns in (
             rows.chunks(order) if chunk_rows is None else rows.chunks(order, chunk_rows)
         ):
-            scored = pipeline.process_columns(columns, state)
+            # The verdicts are written as columns here, not as Avro records.
+            scored = pipeline.process_columns(columns, state, encode=False)
             if scored.errors:
                 errors = {int(chunk[p]): error for p, error in scored.errors.items()}
                 if rejects is None:

@@ -22,7 +22,13 @@ from streamer.files import Progress, load_rows
 from streamer.model.artifact import ModelCard, card_path_for
 from streamer.model.scorer import Scorer
 from streamer.model.train import FRACTION_SPLIT, MIN_TRAINING_DAYS, train_from_file
-from streamer.serde import TRANSACTION_SCHEMA, decode_and_validate, encode_transaction
+from streamer.pipeline import Histories, Pipeline
+from streamer.serde import (
+    TRANSACTION_FIELDS,
+    TRANSACTION_SCHEMA,
+    decode_and_validate,
+    encode_transaction,
+)
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from tests.files_support import events_table, read_any, write_events
 
@@ -345,3 +351,34 @@ class TestProgress:
         progress.update(4, final=True)
         assert stream.getvalue().startswith("\rscoring [###############...............] 2/4")
         assert stream.getvalue().endswith("\n")
+
+
+class TestColumnarPipeline:
+    def test_process_columns_matches_process_on_avro(
+        self, trained_on_file: tuple[Path, Path, ModelCard]
+    ) -> None:
+        """The columnar entry gives the Avro entry's verdicts, errors and history, byte for byte."""
+        _, model, _ = trained_on_file
+        events = history(seed=12, count=400)
+        records = [dict(e.record) for e in events]
+        records[3]["currency"] = "XXX"
+        records[9]["amount"] = -1.0
+        pipeline = Pipeline(Scorer.from_path(model), max_event_bytes=65_536)
+        avro_state, columns_state, plain_state = Histories(), Histories(), Histories()
+        by_value = pipeline.process(
+            [encode_transaction(r) for r in records],
+            [r["card_id"].encode() for r in records],
+            avro_state,
+            scored_at=7,
+        )
+        columns = {name: [r[name] for r in records] for name in TRANSACTION_FIELDS}
+        by_column = pipeline.process_columns(columns, columns_state, scored_at=7)
+        unencoded = pipeline.process_columns(columns, plain_state, encode=False)
+        assert by_column.verdicts == by_value.verdicts
+        assert {i: str(e) for i, e in by_column.errors.items()} == {
+            i: str(e) for i, e in by_value.errors.items()
+        }
+        assert sorted(by_value.errors) == [3, 9]
+        assert columns_state.histories == avro_state.histories == plain_state.histories
+        np.testing.assert_array_equal(unencoded.scores, by_value.scores)
+        assert [v is None for v in unencoded.verdicts] == [v is None for v in by_value.verdicts]
