@@ -559,6 +559,7 @@ class Bench:
             raise BenchError(f"file score: {line['scored']} of {options.events} rows scored")
         data.unlink()
         output.unlink()
+        folder.rmdir()
         result = Throughput(
             FILE_SCORER,
             "-",
