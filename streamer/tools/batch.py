@@ -30,6 +30,7 @@ from streamer.files import (
     TableWriter,
     bad_rows_error,
     build_file_features,
+    file_format,
     load_rows,
     writing,
 )
@@ -92,6 +93,9 @@ def score_file(
     leaving it out unnoticed would lose it. Output files appear complete or not at all.
     """
     started = time.perf_counter()
+    for path in (output_path, rejects_path):
+        if path is not None:
+            file_format(path, for_output=True)  # refuse a bad name before any work
     rows = load_rows(input_path)
     if rejects_path is None and rows.problems:
         raise _unrecorded(bad_rows_error(input_path, dict(rows.problems)))
@@ -204,6 +208,7 @@ def write_features(
     with its card's history before it, exactly as `streamer score` and `streamer run` build
     them. Every row must be good (`DataFileError` names the bad ones).
     """
+    file_format(output_path, for_output=True)
     rows = load_rows(data_path, label_column=label_column, require_label=False)
     built = build_file_features(rows, progress=Progress("features", len(rows)))
     order = pa.array(built.order, type=pa.int64())
