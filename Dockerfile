@@ -10,7 +10,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY streamer ./streamer
-# Editable install: the package reads schemas/ beside it, as in a clone.
 RUN pip install -e . && useradd --create-home --uid 10001 streamer \
     && mkdir -p /app/models && chown streamer /app/models
 USER streamer

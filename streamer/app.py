@@ -24,7 +24,13 @@ from typing import Any, Final
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from streamer.errors import FencedError, KafkaFatalError, RecordError
+from streamer.errors import (
+    ConfigError,
+    FencedError,
+    KafkaFatalError,
+    RecordError,
+    SchemaRegistryUnavailableError,
+)
 from streamer.headers import (
     CONSUMER_GROUP,
     ERROR_CAUSE,
@@ -47,8 +53,16 @@ from streamer.kafka.clients import (
 )
 from streamer.kafka.delivery import DeliveryCallback, Source
 from streamer.kafka.transactions import Transactions
+from streamer.metrics import (
+    DEAD_LETTER_STAGES,
+    LIVENESS_SECONDS,
+    STATE_EVERY_SECONDS,
+    STATISTICS_INTERVAL_MS,
+    ScorerMetrics,
+)
 from streamer.model.scorer import Scorer
-from streamer.pipeline import Histories, Pipeline
+from streamer.pipeline import BatchDecoder, Histories, Pipeline, Scored
+from streamer.serde import decode_and_validate
 from streamer.settings import Settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
@@ -64,6 +78,8 @@ CARD_STORE: Final = "card-state"
 """The card history store; its changelog is `<group id>-card-state-changelog`."""
 RESTORE_STEP_SECONDS: Final = 0.2
 """Changelog reading per loop turn while restoring (the consumer is polled between steps)."""
+REGISTRY_BACKOFF_SECONDS: Final = (0.5, 30.0)
+"""First and longest wait before a batch the Schema Registry failed is read again; doubles."""
 
 
 @dataclass(slots=True)
@@ -138,6 +154,7 @@ class ScoringApp:
         producer: OutputProducer,
         checkpoint: Checkpoint,
         state: CardState,
+        metrics: ScorerMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -158,12 +175,26 @@ class ScoringApp:
         self._to_restore: list[TopicPartition] = []
         self._restoring: dict[int, TopicPartition] = {}
         self._stop_signal: str | None = None
+        self._retry_at = 0.0
+        """Monotonic time before which nothing is polled (the Schema Registry failed a batch)."""
+        self._retry_wait = REGISTRY_BACKOFF_SECONDS[0]
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.lag.read_committed = settings.exactly_once
+            metrics.lag.committed = checkpoint.committed_positions
+        self.dead_letters_by_stage: dict[str, int] = dict.fromkeys(DEAD_LETTER_STAGES, 0)
+        self._assigned: list[tuple[str, int]] = []
+        self._turned_at = time.monotonic()
+        """When the loop last turned (for `/livez`)."""
 
     @classmethod
-    def create(cls, settings: Settings, scorer: Scorer) -> ScoringApp:
+    def create(
+        cls, settings: Settings, scorer: Scorer, metrics: ScorerMetrics | None = None
+    ) -> ScoringApp:
         """The scorer's clients, checkpoint and state, for `settings.processing_guarantee`.
 
         Creates the card state's changelog topic if missing (`kafka.changelog.ensure_changelog`).
+        With `metrics`, the consumer reports librdkafka statistics (consumer lag) to it.
         """
         store_topic = changelog_topic(settings.group_id, CARD_STORE)
         changelogs: list[Changelog] = []
@@ -174,9 +205,18 @@ class ScoringApp:
             changelogs.append(Changelog(store, store_topic))
             restorer = Restorer(settings.changelog_reader_config(), store, store_topic)
             state = CardState(store, restorer)
-        pipeline = Pipeline(scorer, max_event_bytes=settings.max_event_bytes)
+        pipeline = Pipeline(
+            scorer, max_event_bytes=settings.max_event_bytes, decode=_input_decoder(settings)
+        )
         consumer_errors = ClientErrors("consumer")
-        consumer = create_consumer(settings.consumer_config(), consumer_errors)
+        if metrics is None:
+            consumer_config = settings.consumer_config()
+        else:
+            consumer_config = settings.consumer_config(
+                statistics_interval_ms=STATISTICS_INTERVAL_MS
+            )
+            consumer_config["stats_cb"] = metrics.lag
+        consumer = create_consumer(consumer_config, consumer_errors)
         checkpoint: Checkpoint
         if settings.exactly_once:
             producer = OutputProducer(settings.producer_config(transactional=True))
@@ -193,7 +233,9 @@ class ScoringApp:
         else:
             producer = OutputProducer(settings.producer_config())
             checkpoint = AtLeastOnce(consumer, producer, changelogs, settings.commit_interval)
-        return cls(settings, pipeline, consumer, consumer_errors, producer, checkpoint, state)
+        return cls(
+            settings, pipeline, consumer, consumer_errors, producer, checkpoint, state, metrics
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -215,6 +257,66 @@ class ScoringApp:
         """Partitions assigned and their state restored: records are being scored."""
         return self._assigned_at is not None and not self._to_restore and not self._restoring
 
+    # -- what metrics and health checks read (from the HTTP server's thread) ---------------------
+
+    def metric_counts(self) -> dict[str, int]:
+        counters = self.counters
+        return {
+            "consumed": counters.consumed,
+            "verdicts": counters.verdicts,
+            "flagged": counters.flagged,
+            "commits": self._checkpoint.committed,
+            "aborted_transactions": self._checkpoint.aborted,
+        }
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        return self.dead_letters_by_stage.copy()
+
+    def model_info(self) -> dict[str, str]:
+        scorer = self._pipeline.scorer
+        return {
+            "name": scorer.name,
+            "version": scorer.version,
+            "sha256": scorer.sha256,
+            "threshold": repr(scorer.threshold),
+        }
+
+    def assigned_partitions(self) -> int:
+        return len(self._assigned)
+
+    def readiness(self) -> list[str]:
+        """The readiness checks that fail; empty when the scorer is scoring."""
+        failing = []
+        if self._stopping:
+            failing.append("stopping")
+        if not self._assigned:
+            failing.append("no partitions assigned")
+        restoring = sorted({tp.partition for tp in self._to_restore} | set(self._restoring))
+        if restoring:
+            failing.append(f"restoring state of partitions {restoring}")
+        for client, errors in (
+            ("consumer", self._consumer_errors),
+            ("producer", self._producer.errors),
+        ):
+            if errors.fatal is not None:
+                failing.append(f"{client} fatal error: {errors.fatal.str()}")
+        return failing
+
+    def liveness(self) -> str | None:
+        """Why the loop is not live (it has not turned for `LIVENESS_SECONDS`), or None."""
+        stalled = time.monotonic() - self._turned_at
+        if stalled <= LIVENESS_SECONDS:
+            return None
+        reason = (
+            f"the scoring loop has not turned for {stalled:.0f}s (limit {LIVENESS_SECONDS:.0f}s)"
+        )
+        checkpoint = self._checkpoint
+        if isinstance(checkpoint, ExactlyOnce):
+            guarding = checkpoint.transactions.watchdog.guarding
+            if guarding is not None:
+                reason += f"; in {guarding[0]} for {guarding[1]:.0f}s"
+        return reason
+
     def run(self, until_idle: float | None = None) -> Counters:
         """Consume, score and publish until stopped; then commit and close."""
         settings = self._settings
@@ -229,18 +331,31 @@ class ScoringApp:
         next_progress = started + settings.progress_interval
         last_counters = (started, 0)
         checkpoint = self._checkpoint
+        metrics = self._metrics
+        next_state = started
         try:
             while not self._stopping:
                 self._restore()
                 timeout = 0.0 if self._restoring else settings.poll_timeout
-                messages = poll_batch(self._consumer, settings.batch_size, timeout)
+                wait = self._retry_at - time.monotonic()
+                if wait > 0:  # the Schema Registry failed the last batch: give it time
+                    time.sleep(min(wait, settings.poll_timeout))
+                    messages = []
+                else:
+                    messages = poll_batch(self._consumer, settings.batch_size, timeout)
                 self._raise_pending()
                 if messages:
                     self.process(messages)
                     last_record = time.monotonic()
-                checkpoint.maintain()
+                if metrics is None:
+                    checkpoint.maintain()
+                else:
+                    self._maintain_timed(metrics)
                 self._raise_pending()
-                now = time.monotonic()
+                now = self._turned_at = time.monotonic()
+                if metrics is not None and now >= next_state:
+                    self._observe_state(metrics)
+                    next_state = now + STATE_EVERY_SECONDS
                 if now >= next_progress:
                     last_counters = self._log_progress(now, last_counters)
                     next_progress = now + settings.progress_interval
@@ -255,6 +370,27 @@ class ScoringApp:
         self._shutdown(clean=True)
         return self.counters
 
+    def _maintain_timed(self, metrics: ScorerMetrics) -> None:
+        """`checkpoint.maintain`, timed as the `commit` stage when it commits or aborts."""
+        checkpoint = self._checkpoint
+        before = checkpoint.committed + checkpoint.aborted
+        started = time.perf_counter()
+        checkpoint.maintain()
+        if checkpoint.committed + checkpoint.aborted != before:
+            metrics.stage("commit", time.perf_counter() - started)
+
+    def _observe_state(self, metrics: ScorerMetrics) -> None:
+        store, restorer = self._state.store, self._state.restorer
+        if store is None or restorer is None:
+            return
+        metrics.state(
+            store.name,
+            len(store),
+            len(restorer.restoring),
+            restorer.records,
+            restorer.remaining(),
+        )
+
     def _raise_pending(self) -> None:
         self._consumer_errors.raise_if_fatal()
         error, self._checkpoint.callback_error = self._checkpoint.callback_error, None
@@ -262,11 +398,15 @@ class ScoringApp:
             raise error
 
     def _idle_for(self, seconds: float, now: float, last_record: float) -> bool:
-        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending."""
+        """Nothing consumed for `seconds` (nor assigned since), nothing restoring or pending.
+
+        A batch to be read again (the Schema Registry failed it) counts as consumed at the end
+        of its back-off.
+        """
         if self._assigned_at is None:
             idle_since = self._started + JOIN_GRACE_SECONDS
         else:
-            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0)
+            idle_since = max(last_record, self._assigned_at, self._ready_at or 0.0, self._retry_at)
         return (
             now - idle_since >= seconds
             and self.ready
@@ -323,18 +463,30 @@ class ScoringApp:
             consumed.append(message)
         if not consumed:
             return
-        self.counters.consumed += len(consumed)
         keys = [message.key() for message in consumed]
         sources = [_source(message) for message in consumed]
         values = [message.value() for message in consumed]
+        metrics = self._metrics
+        timer = None
+        if metrics is not None:
+            timer = metrics.timer
+            timer.start()
         store = self._state.store
-        if store is None:
-            scored = self._pipeline.process(values, keys, Histories())
-        else:
-            state = BatchState(store, [partition for _, partition, _ in sources])
-            scored = self._pipeline.process(values, keys, state)
-            columns = scored.batch.columns
-            state.checkin(columns["card_id"], columns["event_time"], sources)
+        try:
+            if store is None:
+                scored = self._pipeline.process(values, keys, Histories(), laps=timer)
+            else:
+                state = BatchState(store, [partition for _, partition, _ in sources])
+                scored = self._pipeline.process(values, keys, state, laps=timer)
+                columns = scored.batch.columns
+                state.checkin(columns["card_id"], columns["event_time"], sources)
+                if timer is not None:
+                    timer.lap("features")
+        except SchemaRegistryUnavailableError as exc:
+            self._read_again_later(sources, exc)
+            return
+        self._retry_wait = REGISTRY_BACKOFF_SECONDS[0]
+        self.counters.consumed += len(consumed)
         try:
             self._publish(consumed, keys, sources, scored.verdicts, scored.errors)
         except KafkaException as exc:
@@ -342,6 +494,39 @@ class ScoringApp:
             return
         self._checkpoint.processed(sources)
         self.counters.flagged += scored.flagged
+        if metrics is not None and timer is not None:
+            timer.lap("produce")
+            metrics.batch(
+                len(consumed),
+                timer.seconds,
+                [message.timestamp()[1] for message in consumed],
+                _scored_rows(scored),
+                scored.scores,
+            )
+
+    def _read_again_later(
+        self, sources: Sequence[Source], error: SchemaRegistryUnavailableError
+    ) -> None:
+        """Seek back to the batch's first records and wait before polling again.
+
+        The pipeline raised before it touched the state and nothing of the batch was produced,
+        so the batch is simply read again: its records are not dead-lettered for the registry's
+        fault, and under exactly-once the open transaction holds only earlier batches.
+        """
+        first: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in sources:
+            first.setdefault((topic, partition), offset)
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        wait = self._retry_wait
+        self._retry_at = time.monotonic() + wait
+        self._retry_wait = min(wait * 2, REGISTRY_BACKOFF_SECONDS[1])
+        log.warning(
+            "schema registry unavailable, reading the batch again",
+            error=str(error),
+            retry_in_seconds=wait,
+            records=len(sources),
+        )
 
     def _publish(
         self,
@@ -419,11 +604,13 @@ class ScoringApp:
             on_delivery,
         )
         self.counters.dead_letters += 1
+        self.dead_letters_by_stage[error.stage] = self.dead_letters_by_stage.get(error.stage, 0) + 1
 
     # -- rebalances and errors -------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
+        self._rebalanced("assigned", [(p.topic, p.partition) for p in partitions])
         log.info(
             "partitions assigned", partitions=[f"{p.topic}[{p.partition}]" for p in partitions]
         )
@@ -437,12 +624,20 @@ class ScoringApp:
         # Runs inside consume() on the main thread.
         self._stop_restoring()
         self._checkpoint.revoke([(p.topic, p.partition) for p in partitions])
+        self._rebalanced("revoked", [])
         log.info("partitions revoked", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._stop_restoring()
         log.warning("partitions lost", partitions=[f"{p.topic}[{p.partition}]" for p in partitions])
         self._checkpoint.lose([(p.topic, p.partition) for p in partitions])
+        self._rebalanced("lost", [])
+
+    def _rebalanced(self, event: str, assigned: list[tuple[str, int]]) -> None:
+        # Eager rebalancing: an assignment is the whole set, a revocation takes all of it.
+        self._assigned = assigned
+        if self._metrics is not None:
+            self._metrics.rebalanced(event, assigned)
 
     def _stop_restoring(self) -> None:
         self._to_restore = []
@@ -478,6 +673,27 @@ class ScoringApp:
             **counters.as_dict(),
         )
         return now, counters.consumed
+
+
+def _input_decoder(settings: Settings) -> BatchDecoder:
+    """Plain Avro of `transaction.avsc`, or, with a Schema Registry, its wire format too."""
+    url = settings.schema_registry_url
+    if url is None:
+        return decode_and_validate
+    from streamer.registry import connect
+
+    try:
+        return connect(url).decode_and_validate
+    except (ValueError, TypeError) as exc:  # the client's own check of the URL
+        raise ConfigError(f"STREAMER_SCHEMA_REGISTRY_URL: {exc}") from None
+
+
+def _scored_rows(scored: Scored) -> list[int] | None:
+    """The indexes of the batch's records that got a verdict (None: every record did)."""
+    errors = scored.errors
+    if not errors:
+        return None
+    return [index for index in scored.batch.indexes if index not in errors]
 
 
 def _source(message: KafkaMessage) -> Source:

@@ -194,6 +194,46 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--log-format", choices=["console", "json"])
     features.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
+    model = commands.add_parser("model", help="bring your own model")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    model_import = model_commands.add_parser(
+        "import",
+        help="wrap a fitted scikit-learn classifier as a verified artefact and model card",
+        description=(
+            "Check a scikit-learn classifier fitted on the feature matrix (`streamer features`"
+            " columns, in that order) and write it as the skops artefact and model card that"
+            " `streamer run` loads. PATH is a skops file, or a pickle or joblib file: a pickle is"
+            " unpickled here, which runs code the file names, so import only files you trust"
+            " (`streamer run` never loads a pickle). Supported: HistGradientBoostingClassifier,"
+            " RandomForestClassifier, ExtraTreesClassifier, LogisticRegression, alone or last in"
+            " a Pipeline of standard preprocessing (SimpleImputer, scalers, OneHotEncoder in a"
+            " ColumnTransformer). The features hold NaN for missing values: a classifier that"
+            " cannot take NaN needs a SimpleImputer before it."
+        ),
+        epilog="exit status: 0 written; 2 bad usage or data file; 3 the model is refused",
+    )
+    model_import.add_argument("path", type=Path, metavar="PATH", help="the fitted model file")
+    model_import.add_argument(
+        "--threshold",
+        type=float,
+        dest="import_threshold",  # not STREAMER_THRESHOLD: the card's, checked by the import
+        help="score at or above which is_fraud is true (required without --data)",
+    )
+    model_import.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="labelled CSV of transactions: the threshold maximising F1 on it (unless"
+        " --threshold is given) and the card's metrics",
+    )
+    model_import.add_argument(
+        "--label-column", default="is_fraud", help="label column of --data (default is_fraud)"
+    )
+    model_import.add_argument("--name", help="model name on the card and verdicts")
+    model_import.add_argument("--model-path", type=Path, help="where to write the artefact")
+    model_import.add_argument("--log-format", choices=["console", "json"])
+    model_import.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
     produce = commands.add_parser("produce", help="publish synthetic transactions")
     _add_common(produce)
     produce.add_argument("--count", type=positive_int, default=10_000)
@@ -389,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from streamer.app import ScoringApp
+    from streamer.metrics import HealthServer, ScorerMetrics
     from streamer.model.scorer import Scorer
 
     # The model is loaded and verified before any Kafka client exists: a refused model
@@ -402,10 +443,25 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         model_sha256=scorer.sha256,
         threshold=scorer.threshold,
     )
-    app = ScoringApp.create(settings, scorer)
-    app.install_signal_handlers()
-    tune_garbage_collector()
-    app.run(until_idle=args.until_idle)
+    metrics: ScorerMetrics | None = None
+    server: HealthServer | None = None
+    if settings.metrics_port:
+        # Bound before any Kafka client exists: a port in use stops the scorer at once (exit 2).
+        metrics = ScorerMetrics(settings.group_id)
+        server = HealthServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+        server.start()
+        log.info("serving metrics", url=f"http://{settings.metrics_host}:{server.port}/metrics")
+    try:
+        app = ScoringApp.create(settings, scorer, metrics)
+        if metrics is not None and server is not None:
+            metrics.observe(app)
+            server.watch(app)
+        app.install_signal_handlers()
+        tune_garbage_collector()
+        app.run(until_idle=args.until_idle)
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
@@ -463,6 +519,33 @@ def _features(settings: Settings, args: argparse.Namespace) -> int:
 
     count = write_features(args.data, args.output, label_column=args.label_column)
     print(f"wrote {count:,} rows of features to {args.output}")
+    return 0
+
+
+def _model(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.model.importer import import_model
+
+    path: Path = settings.model_path
+    result = import_model(
+        args.path,
+        path,
+        threshold=args.import_threshold,
+        data=args.data,
+        label_column=args.label_column,
+        name=args.name,
+    )
+    card = result.card
+    print(
+        f"wrote {path} ({card.name} {card.version}, {card.training['model']},"
+        f" threshold {card.threshold:.4f}: {card.training['threshold_rule']})"
+    )
+    width = max((len(name) for name in card.metrics), default=0)
+    for name, value in card.metrics.items():
+        print(f"  {name:<{width}} {value:.4f}")
+    for change in card.training["changes"]:
+        print(f"  changed: {change}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
     return 0
 
 
@@ -559,6 +642,7 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "train": _train,
     "score": _score,
     "features": _features,
+    "model": _model,
     "produce": _produce,
     "tail": _tail,
     "topics": _topics,

@@ -70,3 +70,11 @@ class ScoreError(RecordError):
     """The model could not score the record (a non-finite feature or score)."""
 
     stage = "score"
+
+
+class SchemaRegistryUnavailableError(StreamerError):
+    """The Schema Registry could not be asked for a writer schema (down, refusing, too slow).
+
+    No fault of the records: the batch that needed the schema is read again after a back-off,
+    and nothing of it is dead-lettered.
+    """

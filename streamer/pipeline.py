@@ -15,7 +15,7 @@ model fails on has already been added (it happened, whatever its score).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,8 +58,26 @@ class Histories:
         return self.histories
 
 
+class BatchDecoder(Protocol):
+    """Values, keys and the size limit in, a decoded and validated batch out
+    (`serde.decode_and_validate`, or `registry.RegistryDecoder.decode_and_validate` for a topic
+    written through a Schema Registry); `lap("decode")` between decoding and validation."""
+
+    def __call__(
+        self,
+        values: Sequence[bytes | None],
+        keys: Sequence[bytes | None],
+        max_bytes: int,
+        *,
+        lap: Callable[[str], None] | None = None,
+    ) -> TransactionBatch: ...
+
+
 class Laps(Protocol):
-    """Receives the end of each stage (the bench's breakdown times the pipeline with it)."""
+    """Receives the end of each stage: decode, validate, features, predict, encode.
+
+    The bench's breakdown and the scorer's metrics time the pipeline with it.
+    """
 
     def lap(self, stage: str) -> None: ...
 
@@ -89,9 +107,16 @@ class Scored:
 class Pipeline:
     """Scores batches of Avro-encoded transactions with one model; not thread-safe."""
 
-    def __init__(self, scorer: Scorer, *, max_event_bytes: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_event_bytes: int,
+        decode: BatchDecoder = decode_and_validate,
+    ) -> None:
         self.scorer = scorer
         self._max_event_bytes = max_event_bytes
+        self._decode = decode
 
     def process(
         self,
@@ -105,11 +130,14 @@ class Pipeline:
         """Score record i = (`values[i]`, `keys[i]`) for every i, with the histories of `state`.
 
         `scored_at` (ms) goes in every verdict; default now. Never raises for a bad record: its
-        error is in `Scored.errors` and its verdict is None.
+        error is in `Scored.errors` and its verdict is None. What the decoder raises for the
+        whole batch (`SchemaRegistryUnavailableError`) it raises before `state` is touched.
         """
-        batch = decode_and_validate(values, keys, self._max_event_bytes)
+        batch = self._decode(
+            values, keys, self._max_event_bytes, lap=None if laps is None else laps.lap
+        )
         if laps is not None:
-            laps.lap("decode")
+            laps.lap("validate")
         return self._score_batch(batch, len(values), state, scored_at, laps)
 
     def process_columns(

@@ -21,10 +21,10 @@ import copy
 import io
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from itertools import repeat
-from pathlib import Path
 from typing import Any, Final
 
 import fastavro
@@ -32,11 +32,12 @@ import fastavro
 from streamer.errors import DecodeError, RecordError, ValidationError
 from streamer.events import screen_transactions, validate_transaction
 
-SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS: Final = resources.files("streamer") / "schemas"
+"""The package's copy of the top-level `schemas/` (package data: it ships in the wheel)."""
 
 
 def _load_schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
+    schema: dict[str, Any] = json.loads(SCHEMAS.joinpath(f"{name}.avsc").read_text("utf-8"))
     return schema
 
 
@@ -55,19 +56,52 @@ _VERDICT: Final = fastavro.parse_schema(_without_logical_types(VERDICT_SCHEMA))
 
 
 def decode_transaction(value: bytes) -> dict[str, Any]:
-    """Decode one Transaction; `DecodeError` if the bytes are not exactly one such record."""
+    """Decode one Transaction; `DecodeError` if the bytes are not exactly one such record.
+
+    The error of a value that starts like the Confluent Schema Registry wire format says so (see
+    `framing_hint`).
+    """
+    return _decode_transaction(value, framing_hint(value))
+
+
+def framing_hint(value: bytes) -> str:
+    """What to add to the decode error of `value` if it looks framed for a Schema Registry.
+
+    Confluent's serializers put a magic byte and the schema's id before the Avro body: 0 and a
+    4-byte big-endian id, or 1 and a 16-byte GUID. No Transaction in plain Avro starts with
+    either byte: its first field, transaction_id, is a string, so the value starts with the
+    string's length as a zig-zag varint, and 0 (an empty id) is refused by validation, 1 (a
+    length of -1) is no Avro at all. So a value that starts so and fails to decode was almost
+    surely framed; one that does decode is left to validation, which refuses it.
+    """
+    if len(value) >= 5 and value[0] == 0:
+        schema_id = int.from_bytes(value[1:5], "big")
+        return (
+            "; it looks framed for a Schema Registry (Confluent wire format: magic byte 0, "
+            f"schema id {schema_id}): set STREAMER_SCHEMA_REGISTRY_URL to read such records"
+        )
+    if len(value) >= 17 and value[0] == 1:
+        return (
+            "; it looks framed for a Schema Registry (Confluent wire format: magic byte 1, "
+            f"schema GUID {value[1:17].hex()})"
+        )
+    return ""
+
+
+def _decode_transaction(value: bytes, hint: str = "") -> dict[str, Any]:
+    """`decode_transaction`, with `hint` appended to the reason of a `DecodeError`."""
     buffer = io.BytesIO(value)
     try:
         record = fastavro.schemaless_reader(buffer, _TRANSACTION)
     except Exception as exc:  # fastavro raises whatever its reader hits: EOFError, UnicodeError...
-        raise DecodeError(
-            f"not an Avro Transaction: {type(exc).__name__}: {exc}".rstrip(": ")
-        ) from exc
+        reason = f"not an Avro Transaction: {type(exc).__name__}: {exc}".rstrip(": ")
+        raise DecodeError(reason + hint) from exc
     if not isinstance(record, dict):  # the schema is a record; this only narrows the type
-        raise DecodeError("not an Avro Transaction record")
+        raise DecodeError("not an Avro Transaction record" + hint)
     if buffer.tell() != len(value):
         raise DecodeError(
             f"not an Avro Transaction: {len(value) - buffer.tell()} trailing bytes after the record"
+            + hint
         )
     return record
 
@@ -319,7 +353,12 @@ def _string(text: str) -> bytes:
     return _long(len(data)) + data
 
 
-def _row(record: Mapping[str, Any]) -> tuple[Any, ...]:
+Row = tuple[Any, ...]
+"""A Transaction's fields in schema order, then its verdict's two wire pieces (see
+`_read_transaction`)."""
+
+
+def _row(record: Mapping[str, Any]) -> Row:
     """A record `decode_transaction` gave, in the form `_read_transaction` returns."""
     return (
         *(record[name] for name in TRANSACTION_FIELDS),
@@ -356,7 +395,11 @@ class TransactionBatch:
 
 
 def decode_and_validate(
-    values: Sequence[bytes | None], keys: Sequence[bytes | None], max_bytes: int
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None],
+    max_bytes: int,
+    *,
+    lap: Callable[[str], None] | None = None,
 ) -> TransactionBatch:
     """Decode and validate a polled batch: `values[i]` and `keys[i]` are record i's value and key.
 
@@ -365,21 +408,18 @@ def decode_and_validate(
     record gets exactly the error that sequence raises (class, reason and cause); the good ones
     come back as columns (see `TransactionBatch`), ready for
     `features.build_features_from_columns` and `encode_verdicts`. Raises nothing for bad
-    records; `ValueError` if `values` and `keys` differ in length.
+    records; `ValueError` if `values` and `keys` differ in length. `lap("decode")` is called
+    once decoding is done, before validation (the pipeline's stage timing).
     """
     if len(values) != len(keys):
         raise ValueError(f"{len(values)} values but {len(keys)} keys")
     errors: list[tuple[int, RecordError]] = []
     indexes: list[int] = []
-    rows: list[tuple[Any, ...]] = []
+    rows: list[Row] = []
     read = _read_transaction
     for index, value in enumerate(values):
-        if value is None:
-            errors.append((index, DecodeError("tombstone: the record has no value")))
-            continue
-        if len(value) > max_bytes:
-            message = f"value of {len(value)} bytes exceeds the limit of {max_bytes} bytes"
-            errors.append((index, DecodeError(message)))
+        if value is None or len(value) > max_bytes:
+            errors.append((index, unreadable(value, max_bytes)))
             continue
         try:
             row = read(value)
@@ -393,8 +433,7 @@ def decode_and_validate(
                 continue
         indexes.append(index)
         rows.append(row)
-
-    return _validated(indexes, rows, [keys[i] for i in indexes], errors)
+    return validated_batch(indexes, rows, errors, keys, lap=lap)
 
 
 def validate_columns(
@@ -407,9 +446,9 @@ def validate_columns(
     `decode_transaction` gives (str, int, float, bool, None). Record i's key is its card_id.
     The good records and the errors come back as from `decode_and_validate` (indexes are
     positions in the columns); the rules and the reasons are the same, as the same code checks
-    them. With `wire` false the batch lacks what `encode_verdicts` needs (a caller that does
-    not encode verdicts saves building it). Raises `ValueError` if a column is missing or the
-    columns differ in length.
+    them (`validated_batch`). With `wire` false the batch lacks what `encode_verdicts` needs (a
+    caller that does not encode verdicts saves building it). Raises `ValueError` if a column is
+    missing or the columns differ in length.
     """
     missing = [name for name in TRANSACTION_FIELDS if name not in columns]
     if missing:
@@ -419,6 +458,7 @@ def validate_columns(
     if any(len(values) != count for values in fields):
         raise ValueError("columns differ in length")
     card_ids = columns["card_id"]
+    rows: list[Row]
     if wire:
         # The verdict's wire pieces, as `_read_transaction` cuts them out of an encoded value.
         ids = map(bytes.__add__, map(_string, columns["transaction_id"]), map(_string, card_ids))
@@ -426,17 +466,52 @@ def validate_columns(
     else:
         rows = list(zip(*fields, repeat(b"", count), repeat(b"", count), strict=True))
     keys: list[bytes | None] = [card_id.encode() for card_id in card_ids]
-    return _validated(list(range(count)), rows, keys, [])
+    return validated_batch(list(range(count)), rows, [], keys)
 
 
-def _validated(
+def unreadable(value: bytes | None, max_bytes: int) -> DecodeError:
+    """The error of a value `decode_and_validate` does not read: absent, or over `max_bytes`."""
+    if value is None:
+        return DecodeError("tombstone: the record has no value")
+    return DecodeError(f"value of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def read_row(value: bytes, hint: str = "") -> Row:
+    """One Transaction in canonical Avro as a row of `decode_and_validate`'s batch.
+
+    The hand-written reader first, `decode_transaction` if that gives up; `DecodeError` (with
+    `hint` appended to its reason) if the value is not one Transaction. For decoders that read
+    values `decode_and_validate` cannot (`streamer.registry`) and then call `validated_batch`.
+    """
+    try:
+        return _read_transaction(value)
+    except _UNREADABLE:
+        pass
+    return _row(_decode_transaction(value, hint))
+
+
+def record_row(record: Mapping[str, Any]) -> Row:
+    """A decoded Transaction record (every field of the schema) as a row of the batch."""
+    return _row(record)
+
+
+def validated_batch(
     indexes: list[int],
-    rows: list[tuple[Any, ...]],
-    good_keys: Sequence[bytes | None],
+    rows: list[Row],
     errors: list[tuple[int, RecordError]],
+    keys: Sequence[bytes | None],
+    *,
+    lap: Callable[[str], None] | None = None,
 ) -> TransactionBatch:
-    """The batch of decoded `rows` (of the records `indexes`) after the domain rules."""
+    """The batch of decoded `rows` (of the records at `indexes`, ascending) after validation.
+
+    `errors`: the decode errors met so far, ascending by index; the validation errors join them.
+    `keys` are the whole batch's keys, by index. `lap("decode")` is called before validation.
+    """
+    good_keys = [keys[i] for i in indexes]
     columns, wire = _transpose(rows)
+    if lap is not None:
+        lap("decode")
     invalid: set[int] = set()
     for position in screen_transactions(columns, good_keys):
         record = dict(zip(TRANSACTION_FIELDS, rows[position], strict=False))

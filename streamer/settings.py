@@ -15,6 +15,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import Field, SecretStr, field_validator
@@ -123,8 +124,38 @@ class Settings(BaseSettings):
     `transaction.timeout.ms`; two live processes must never share one.
     """
 
+    schema_registry_url: str | None = None
+    """Confluent Schema Registry for the input: values in its wire format (magic byte 0, schema
+    id, Avro body) are read with the writer schema it names, resolved to `transaction.avsc`.
+    `http(s)://[user:password@]host[:port]` (several comma-separated), or `mock://name` for the
+    client's in-process mock. Unset: values are plain Avro of `transaction.avsc`."""
+
+    metrics_port: int = Field(default=9095, ge=0, le=65535)
+    """`streamer run`: the port of `/metrics`, `/livez` and `/readyz`; 0 serves none of them."""
+
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    """`streamer run`: the address the metrics port listens on (`0.0.0.0`: every interface)."""
+
     kafka: Mapping[str, SecretStr] = Field(default_factory=dict)
     """Pass-through librdkafka settings, from `STREAMER_KAFKA_*`."""
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _valid_registry_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():  # set but empty, as compose files do: unset
+            return None
+        for url in value.split(","):
+            parsed = urlsplit(url.strip())
+            if parsed.scheme not in {"http", "https", "mock"} or not parsed.hostname:
+                raise ValueError(
+                    "a Schema Registry URL is http://host[:port], https://... or mock://name "
+                    "(several separated by commas)"
+                )
+            try:
+                parsed.port  # noqa: B018 (reading it checks it)
+            except ValueError as exc:
+                raise ValueError(f"a Schema Registry URL with a bad port: {exc}") from None
+        return value
 
     @field_validator("input_topic", "output_topic", "dlq_topic")
     @classmethod
@@ -165,8 +196,10 @@ class Settings(BaseSettings):
         instance = self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         return f"{self.group_id}-{instance}"
 
-    def consumer_config(self, *, group_id: str | None = None) -> dict[str, Any]:
-        """The scorer's consumer.
+    def consumer_config(
+        self, *, group_id: str | None = None, statistics_interval_ms: int = 0
+    ) -> dict[str, Any]:
+        """The scorer's consumer (`statistics_interval_ms` > 0: librdkafka statistics, for lag).
 
         at-least-once: offsets committed by the scorer's checkpoint, only once the outputs of the
         records before them and the state changes they made are acknowledged.
@@ -198,6 +231,8 @@ class Settings(BaseSettings):
         }
         if self.exactly_once:
             config["isolation.level"] = "read_committed"
+        if statistics_interval_ms > 0:
+            config["statistics.interval.ms"] = statistics_interval_ms
         config.update(self._common())
         return config
 
@@ -212,6 +247,9 @@ class Settings(BaseSettings):
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed" if self.exactly_once else "read_uncommitted",
+            # A restore ends at the first empty fetch of each partition (its end of partition):
+            # the broker's default wait for data (500 ms) would be added to every restore.
+            "fetch.wait.max.ms": 10,
         }
         config.update(self._common())
         return config
@@ -275,6 +313,8 @@ class Settings(BaseSettings):
     def loggable(self) -> dict[str, Any]:
         """The configuration without secrets: pass-through Kafka values are masked."""
         shown = self.model_dump(exclude={"kafka"}, mode="json")
+        if self.schema_registry_url is not None:
+            shown["schema_registry_url"] = _mask_userinfo(self.schema_registry_url)
         shown["kafka"] = {key: _mask(key, secret) for key, secret in self.kafka.items()}
         return shown
 
@@ -283,6 +323,11 @@ def _mask(key: str, secret: SecretStr) -> str:
     if any(hint in key for hint in _SECRET_HINTS) or key.startswith("sasl."):
         return "**********"
     return secret.get_secret_value()
+
+
+def _mask_userinfo(urls: str) -> str:
+    """`https://user:password@host` → `https://**********@host` (the credentials stay secret)."""
+    return ",".join(re.sub(r"(?<=://)[^/@]*@", "**********@", url) for url in urls.split(","))
 
 
 def kafka_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -321,6 +366,8 @@ def _describe(exc: pydantic.ValidationError, flags: Mapping[str, Any]) -> str:
             source = f"{ENV_PREFIX}{field.upper()}"
         message = error["msg"].removeprefix("Value error, ")
         value = error.get("input")
+        if field == "schema_registry_url" and isinstance(value, str):
+            value = _mask_userinfo(value)
         got = "" if field == "kafka" or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{source}: {message}{got}" if source else message)
     return "invalid configuration: " + "; ".join(lines)

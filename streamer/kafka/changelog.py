@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamer.errors import ConfigError, KafkaFatalError
 from streamer.headers import CHANGELOG_POSITION
@@ -45,6 +45,8 @@ PROGRESS_SECONDS: Final = 5.0
 """Seconds between restore progress log lines."""
 REASSIGN_SECONDS: Final = 0.5
 """Wait before reading a changelog partition again that the reader did not know yet."""
+METADATA_SECONDS: Final = 5.0
+"""Longest wait for the changelog's partition leaders before a restore starts without them."""
 _NOT_KNOWN_YET: Final = frozenset(
     {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
 )
@@ -108,6 +110,8 @@ class Restorer:
         self._started = 0.0
         self._reassign_at: float | None = None
         self._records = 0
+        self._records_before = 0
+        """Records applied by the restores before the current one (for `records`)."""
         self._next_progress = 0.0
 
     @property
@@ -120,20 +124,48 @@ class Restorer:
         """The partitions whose state is restored."""
         return [p for p in self._store.partitions if p not in self._committed]
 
+    @property
+    def records(self) -> int:
+        """Changelog records applied since this restorer was made, over every restore."""
+        return self._records_before + self._records
+
+    def remaining(self) -> dict[int, int]:
+        """Records still to read per partition being restored, where the end is known yet.
+
+        From the reader's position and the high watermark of its last fetch (no broker call).
+        """
+        consumer = self._consumer
+        if consumer is None or not self._committed:
+            return {}
+        left: dict[int, int] = {}
+        positions = consumer.position([TopicPartition(self._topic, p) for p in self._committed])
+        for tp in positions:
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                left[tp.partition] = max(high - max(tp.offset, 0), 0)
+        return left
+
     def start(self, committed: Mapping[int, int | None]) -> None:
         """Restore these partitions, given each input partition's committed offset."""
         if not committed:
             return
+        self._started = time.monotonic()
         for partition in committed:
             self._store.assign(partition)
         self._committed.update(committed)
         if self._consumer is None:
             self._consumer = create_consumer(self._config, self._errors)
+            # Assigned before it knows the partitions' leaders, the reader would wait out
+            # librdkafka's offset query retry timer (about 0.5 s) before the first fetch.
+            try:
+                self._consumer.list_topics(self._topic, timeout=METADATA_SECONDS)
+            except KafkaException as exc:
+                log.warning("changelog metadata not known yet", error=str(exc))
         self._consumer.assign(
             [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in self._committed]
         )
-        self._started = time.monotonic()
         self._next_progress = self._started + PROGRESS_SECONDS
+        self._records_before += self._records
         self._records = 0
         log.info("restoring state", store=self._store.name, partitions=self.restoring)
 
@@ -163,13 +195,15 @@ class Restorer:
                 )
             messages = consumer.consume(RESTORE_BATCH, 0.05)
             self._errors.raise_if_fatal()
+            # The hot part of a restore: a few calls per record, the store applies runs of them.
+            applied: dict[int, list[tuple[bytes, bytes | None]]] = {}
             for message in messages:
-                partition = message.partition()
-                assert partition is not None
+                partition: Any = message.partition()  # an int: every message is of a partition
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
                         if partition in committed:
+                            self._apply(applied)
                             finished.append(partition)
                             self._finish(partition)
                         continue
@@ -179,17 +213,27 @@ class Restorer:
                         self._reassign_at = time.monotonic() + REASSIGN_SECONDS
                     log.warning("changelog reader error", error=error.str())
                     continue
-                if partition not in committed:
-                    continue
-                position = _position(message.headers())
-                limit = committed[partition]
-                if position is None or limit is None or position > limit:
+                limit = committed.get(partition)
+                if limit is None:
+                    continue  # not restoring it, or no input offset committed: nothing counts
+                headers: Any = message.headers()
+                if headers and headers[0][0] == CHANGELOG_POSITION:  # as checkpoints write it
+                    try:
+                        position: int | None = int(headers[0][1])
+                    except (TypeError, ValueError):
+                        position = None
+                else:
+                    position = _position(headers)
+                if position is None or position > limit:
                     continue  # written by a checkpoint that did not commit: see module docstring
                 key = message.key()
                 if key is None:
                     continue
-                store.restore(partition, key.decode(), message.value())
-                self._records += 1
+                runs = applied.get(partition)
+                if runs is None:
+                    runs = applied[partition] = []
+                runs.append((key, message.value()))
+            self._apply(applied)
         now = time.monotonic()
         if committed and now >= self._next_progress:
             self._next_progress = now + PROGRESS_SECONDS
@@ -212,6 +256,13 @@ class Restorer:
             )
             consumer.unassign()
         return finished
+
+    def _apply(self, applied: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
+        """Hand the records taken so far to the store, and forget them."""
+        for partition, records in applied.items():
+            self._store.restore(partition, records)
+            self._records += len(records)
+        applied.clear()
 
     def _finish(self, partition: int) -> None:
         self._store.restored(partition, self._committed.pop(partition))

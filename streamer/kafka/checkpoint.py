@@ -23,6 +23,7 @@ errors, and the watchdog around calls that can hang (`kafka.transactions`, `kafk
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -41,6 +42,10 @@ from streamer.state.store import KeyedStore
 
 log = structlog.get_logger(__name__)
 
+SLICE_SECONDS: Final = 0.002
+"""At-least-once: about how long a turn of the loop spends writing the snapshot under way."""
+SLICE_RECORDS: Final = 128
+"""At-least-once: snapshot values encoded between two looks at the clock."""
 FLUSH_SECONDS: Final = 30.0
 """How long a commit waits for outstanding acknowledgements before giving up on this commit."""
 MAX_ABORTS_IN_A_ROW: Final = 5
@@ -84,6 +89,9 @@ class Checkpoint(ABC):
         """An error met inside a rebalance callback, for the loop to raise."""
         self.committed = 0
         self.aborted = 0
+        self.committed_positions: dict[tuple[str, int], int] = {}
+        """Exactly-once: the input positions the transactions committed (the consumer, which
+        did not commit them, does not know them: consumer lag is measured against them)."""
 
     # -- the loop's calls ------------------------------------------------------------------------
 
@@ -192,10 +200,35 @@ class Checkpoint(ABC):
 
 
 class AtLeastOnce(Checkpoint):
-    """Changelog flushed with the outputs, then offsets committed, every `interval` seconds."""
+    """Every `interval` seconds a snapshot of the state's changes goes to the changelog, a slice
+    per turn of the loop; once it and the outputs before it are acknowledged, offsets commit.
+
+    Nothing waits on the hot path: the snapshot is encoded in slices of about `SLICE_SECONDS`
+    between batches (`KeyedStore.begin_snapshot`: a record that would change a value not encoded
+    yet has it encoded first), and the commit happens on the turn that finds every acknowledgement
+    in. The offsets committed are the snapshot's positions, never further: the changelog holds the
+    state as of exactly those offsets. `commit` (at a revoke, at the stop) does all of it at once
+    and waits.
+    """
 
     _uncommitted = False
-    """Outputs were produced since the last commit."""
+    """Outputs were produced since the last snapshot began."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: OutputProducer,
+        changelogs: Sequence[Changelog],
+        interval: float,
+    ) -> None:
+        super().__init__(consumer, producer, changelogs, interval)
+        self._snapshot: dict[int, int] | None = None
+        """Input partition → the position the snapshot being written covers (None: none)."""
+        self._snapshot_headers: dict[int, list[tuple[str, str | bytes | None]]] = {}
+        self._snapshot_size = 0
+        """Changelog records the snapshot had to write when it began."""
+        self._snapshot_written = 0
+        self._changelog_unacknowledged = 0
 
     def outputs(
         self,
@@ -216,8 +249,14 @@ class AtLeastOnce(Checkpoint):
     def maintain(self) -> None:
         self._producer.poll(0)
         self._check()
-        if self._uncommitted and time.monotonic() - self._last_commit >= self._interval:
-            self.commit()
+        if self._snapshot is not None:
+            self._write_snapshot(SLICE_SECONDS)
+            self._commit_snapshot()
+        elif self._uncommitted and time.monotonic() - self._last_commit >= self._interval:
+            self._last_commit = time.monotonic()
+            self._begin_snapshot()
+            self._write_snapshot(SLICE_SECONDS)
+            self._commit_snapshot()
 
     def _check(self) -> None:
         self._producer.errors.raise_if_fatal()
@@ -227,22 +266,85 @@ class AtLeastOnce(Checkpoint):
                 describe_failures(failures) + "; offsets stay uncommitted from there"
             )
 
-    def commit(self, partitions: Sequence[tuple[str, int]] | None = None) -> bool:
-        """Changelog, flush, offsets (of `partitions`, default all). False: nothing committed.
+    def _begin_snapshot(self) -> None:
+        """Take the changes since the last snapshot (and the records' positions) as the next."""
+        self._uncommitted = False
+        if not self._changelogs:  # no state: the acknowledged positions are the snapshot
+            self._snapshot = {p: offset for _, p, offset in self._tracker.positions()}
+            return
+        snapshot: dict[int, int] = {}
+        for changelog in self._changelogs:
+            store = changelog.store
+            for partition in store.partitions:
+                self._sweep(store, partition)
+            for partition, position in store.begin_snapshot().items():
+                snapshot[partition] = min(position, snapshot.get(partition, position))
+        self._snapshot = snapshot
+        self._snapshot_size = sum(changelog.store.snapshot_size for changelog in self._changelogs)
+        self._snapshot_written = 0
+        self._snapshot_headers = {
+            partition: [(CHANGELOG_POSITION, str(position).encode())]
+            for partition, position in snapshot.items()
+        }
 
-        Raises `DeliveryFailedError` when an output or changelog record was refused.
+    def _write_snapshot(self, seconds: float | None) -> None:
+        """Produce the snapshot's changelog records (None: all of them).
+
+        Otherwise for about `seconds`, and beyond that as far as needed to keep pace: by half
+        the interval after it began, the whole snapshot is written, however few turns the loop
+        takes meanwhile (a snapshot can begin only once the previous one is written).
         """
-        self._last_commit = time.monotonic()
-        self._write_changelogs(self._changelog_failure)
-        remaining = self._producer.flush(FLUSH_SECONDS)
-        self._check()
-        if remaining:
-            log.error(
-                "outputs not acknowledged in time; their inputs stay uncommitted",
-                in_flight=remaining,
-            )
+        produce = self._producer.produce
+        headers = self._snapshot_headers
+        if seconds is None:
+            deadline, due = math.inf, math.inf
+        else:
+            now = time.monotonic()
+            deadline = now + seconds
+            elapsed = (now - self._last_commit) / (self._interval / 2) if self._interval else 1.0
+            due = self._snapshot_size * min(1.0, elapsed)
+        for changelog in self._changelogs:
+            store, topic = changelog.store, changelog.topic
+            while store.snapshot_pending:
+                records = store.snapshot_slice(SLICE_RECORDS)
+                for partition, key, value in records:
+                    produce(
+                        topic, key.encode(), value, headers[partition], self._delivered, partition
+                    )
+                self._changelog_unacknowledged += len(records)
+                self._snapshot_written += len(records)
+                if self._snapshot_written >= due and time.monotonic() >= deadline:
+                    return
+
+    def _delivered(self, error: KafkaError | None, message: Any) -> None:
+        # Runs inside librdkafka's poll/flush: record only, never raise.
+        self._changelog_unacknowledged -= 1
+        self._changelog_failure(error, message)
+
+    def _commit_snapshot(self) -> bool:
+        """Commit the snapshot's positions if it and the outputs before them are acknowledged."""
+        snapshot = self._snapshot
+        if snapshot is None or self._changelog_unacknowledged:
             return False
-        positions = self._tracker.positions(partitions)
+        if any(changelog.store.snapshot_pending for changelog in self._changelogs):
+            return False
+        topics = {partition: topic for topic, partition in self._tracker.tracked()}
+        acknowledged = {partition: offset for _, partition, offset in self._tracker.positions()}
+        positions = []
+        for partition, position in snapshot.items():
+            topic = topics.get(partition)
+            if topic is None:
+                continue  # restored, and nothing of it scored since: nothing to commit
+            if acknowledged.get(partition, -1) < position:
+                return False
+            positions.append((topic, partition, position))
+        if not self._commit_offsets(positions):
+            return False
+        self._snapshot = None
+        return True
+
+    def _commit_offsets(self, positions: Sequence[tuple[str, int, int]]) -> bool:
+        """Commit `positions`; False when the group has moved on without this scorer."""
         try:
             commit_positions(self._consumer, positions)
         except KafkaException as exc:
@@ -255,11 +357,34 @@ class AtLeastOnce(Checkpoint):
             # reports the partitions lost and rejoins.
             log.warning("commit refused: the group has moved on", error=error.str())
             return False
-        self._commit_stores()
-        self._uncommitted = False
         self.committed += 1
         if positions:
             log.debug("committed", positions=positions)
+        return True
+
+    def commit(self, partitions: Sequence[tuple[str, int]] | None = None) -> bool:
+        """Everything now, and wait: the snapshot under way and the changes since, flushed with
+        the outputs, then the offsets (of `partitions`, default all). False: nothing committed.
+
+        Raises `DeliveryFailedError` when an output or changelog record was refused.
+        """
+        self._last_commit = time.monotonic()
+        if self._snapshot is not None:
+            self._write_snapshot(None)
+        self._begin_snapshot()
+        self._write_snapshot(None)
+        remaining = self._producer.flush(FLUSH_SECONDS)
+        self._check()
+        if remaining:
+            log.error(
+                "outputs not acknowledged in time; their inputs stay uncommitted",
+                in_flight=remaining,
+            )
+            return False
+        # Everything is acknowledged: the positions are the state's, the snapshot's.
+        if not self._commit_offsets(self._tracker.positions(partitions)):
+            return False
+        self._snapshot = None
         return True
 
     def revoke(self, partitions: Sequence[tuple[str, int]]) -> None:
@@ -276,6 +401,9 @@ class AtLeastOnce(Checkpoint):
         # The group moved on without us: another member owns these now; committing would be wrong.
         self._tracker.forget(partitions)
         self._drop_state(partitions)
+        if self._snapshot is not None:
+            for _, partition in partitions:
+                self._snapshot.pop(partition, None)
 
     def close(self, *, clean: bool) -> None:
         # Even after an error, commit what is acknowledged: the records after it are redone.
@@ -289,7 +417,7 @@ class AtLeastOnce(Checkpoint):
 
     @property
     def pending(self) -> bool:
-        return self._uncommitted or self._tracker.in_flight() > 0
+        return self._uncommitted or self._snapshot is not None or self._tracker.in_flight() > 0
 
     def in_flight(self) -> int:
         return self._tracker.in_flight()
@@ -368,6 +496,7 @@ class ExactlyOnce(Checkpoint):
             self._abort_for(str(exc), rewind)
             return False
         self._commit_stores()
+        self.committed_positions.update(self._positions)
         self._positions.clear()
         self._tracker = DeliveryTracker()
         self._aborts_in_a_row = 0

@@ -261,6 +261,10 @@ class DeliveryTracker:
                 result.append((key[0], key[1], state.position))
         return result
 
+    def tracked(self) -> list[Partition]:
+        """The partitions with outputs tracked since they were assigned (acknowledged or not)."""
+        return list(self._partitions)
+
     def in_flight(self) -> int:
         """How many tracked records still wait for their acknowledgement (failed ones included)."""
         return sum(

@@ -100,6 +100,14 @@ class Watchdog:
                 self._guarded = None
                 self._condition.notify()
 
+    @property
+    def guarding(self) -> tuple[str, float] | None:
+        """The call being guarded and the seconds it has run (None: none); any thread."""
+        guarded = self._guarded
+        if guarded is None:
+            return None
+        return guarded.what, time.monotonic() - guarded.started
+
     def close(self) -> None:
         """Stop watching and end the thread."""
         with self._condition:

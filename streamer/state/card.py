@@ -426,35 +426,34 @@ def encode_history(history: CardHistory) -> bytes:
     (validation caps them at 128 characters).
     """
     h = history
+    merchants = [key.encode() for key in h._merchant_seen]
+    countries = [key.encode() for key in h._country_seen]
     times = h._times
-    merchant_ids = [key.encode() for key in h._merchant_seen]
-    country_ids = [key.encode() for key in h._country_seen]
-    days = h._days
     if times:
+        days = h._days
         latest_day = times[-1] // DAY_MS
-        days_ago = bytes([*(latest_day - int(day) for day in days[_EARLIER::3]), 0])
-        day_counts = array("I", [*map(int, days[_EARLIER + 1 :: 3]), int(days[_TODAY_COUNT])])
-        day_sums = days[_EARLIER + 2 :: 3] + array("d", (days[_TODAY_SUM],))
+        days_ago = bytes([latest_day - int(day) for day in days[_EARLIER::3]]) + b"\0"
+        day_counts = array("I", map(int, days[_EARLIER + 1 :: 3]))
+        day_counts.append(int(days[_TODAY_COUNT]))
+        day_sums = days[_EARLIER + 2 :: 3]
+        day_sums.append(days[_TODAY_SUM])
     else:
         days_ago, day_counts, day_sums = b"", array("I"), array("d")
-    return b"".join(
-        (
-            _HEADER.pack(
-                _FORMAT_VERSION, len(times), len(days_ago), len(merchant_ids), len(country_ids)
-            ),
-            _le(times),
-            _le(h._amounts),
-            days_ago,
-            _le(day_counts),
-            _le(day_sums),
-            _le(array("H", map(len, merchant_ids))),
-            _le(h._merchant_times),
-            _le(array("H", map(len, country_ids))),
-            _le(h._country_times),
-            *merchant_ids,
-            *country_ids,
-        )
+    arrays: tuple[array[Any], ...] = (
+        times,
+        h._amounts,
+        day_counts,
+        day_sums,
+        array("H", map(len, merchants)),
+        h._merchant_times,
+        array("H", map(len, countries)),
+        h._country_times,
     )
+    if _BIG_ENDIAN:
+        arrays = tuple(map(_swapped, arrays))
+    head = _HEADER.pack(_FORMAT_VERSION, len(times), len(days_ago), len(merchants), len(countries))
+    first, second, *rest = [a.tobytes() for a in arrays]
+    return b"".join((head, first, second, days_ago, *rest, *merchants, *countries))
 
 
 def decode_history(data: bytes) -> CardHistory:
@@ -549,12 +548,16 @@ def _ascending(values: array[int]) -> bool:
     return all(map(operator.le, values, islice(values, 1, None)))
 
 
+def _swapped(values: array[Any]) -> array[Any]:
+    """A copy of the array with its items' bytes in the other order."""
+    values = values[:]
+    values.byteswap()
+    return values
+
+
 def _le(values: array[Any]) -> bytes:
     """The array's bytes in little-endian order."""
-    if _BIG_ENDIAN:
-        values = values[:]
-        values.byteswap()
-    return values.tobytes()
+    return (_swapped(values) if _BIG_ENDIAN else values).tobytes()
 
 
 class _Reader:

@@ -58,6 +58,10 @@ class _Partition(Generic[V]):
     position: int | None = None
     """The next input offset: every record before it is applied (None: nothing applied yet)."""
     committed_position: int | None = None
+    snapshot: set[str] = field(default_factory=set)
+    """Keys of the snapshot being written (`begin_snapshot`) whose values are not encoded yet."""
+    snapshot_written: list[tuple[str, bytes | None]] = field(default_factory=list)
+    """Values of the snapshot encoded by `checkout` before it let a record change them."""
     stream_time: int = 0
     """The latest event time (ms) applied in this partition, for expiry."""
 
@@ -128,6 +132,7 @@ class KeyedStore(Generic[V]):
         parts = self._partitions
         keep_undo = self._keep_undo
         copy = self.codec.copy
+        encode = self.codec.encode
         for partition, key in zip(partitions, keys, strict=True):
             if key in view:
                 continue
@@ -137,6 +142,10 @@ class KeyedStore(Generic[V]):
                 data = part.raw.pop(key, None)
                 if data is not None:
                     value = part.values[key] = self._decode(partition, key, data)
+            if part.snapshot and key in part.snapshot:
+                # Copy on write: the snapshot takes the value before this batch changes it.
+                part.snapshot.discard(key)
+                part.snapshot_written.append((key, None if value is None else encode(value)))
             if key not in part.changed:
                 part.changed.add(key)
                 if keep_undo:
@@ -202,6 +211,61 @@ class KeyedStore(Generic[V]):
             changes.append((key, part.raw.get(key) if value is None else encode(value)))
         return changes
 
+    # -- snapshots: the changes written a slice at a time while records go on ---------------
+
+    def begin_snapshot(self) -> dict[int, int]:
+        """Take the changes since the last snapshot as a snapshot; the position of each partition.
+
+        Its values are as at this call: `snapshot_slice` encodes them a few at a time, and a
+        record that would change one first has it encoded by `checkout` (copy on write), so the
+        scoring of later records need not wait for the whole snapshot to be encoded. The previous
+        snapshot must be finished (`snapshot_pending` false). Not with `keep_undo`: a snapshot
+        is never rolled back.
+        """
+        if self._keep_undo:
+            raise RuntimeError("a store that keeps undo commits by `changes` and `commit`")
+        if self.snapshot_pending:
+            raise RuntimeError("the previous snapshot is not written yet")
+        positions: dict[int, int] = {}
+        for partition, part in self._partitions.items():
+            if part.position is None:
+                continue
+            positions[partition] = part.position
+            part.snapshot, part.changed = part.changed, part.snapshot
+        return positions
+
+    def snapshot_slice(self, limit: int) -> list[tuple[int, str, bytes | None]]:
+        """Up to about `limit` encoded values of the snapshot as (partition, key, value or None).
+
+        Values `checkout` encoded come first (they do not count against `limit`).
+        """
+        encode = self.codec.encode
+        taken: list[tuple[int, str, bytes | None]] = []
+        for partition, part in self._partitions.items():
+            if part.snapshot_written:
+                taken.extend((partition, key, value) for key, value in part.snapshot_written)
+                part.snapshot_written.clear()
+        for partition, part in self._partitions.items():
+            snapshot, values, raw = part.snapshot, part.values, part.raw
+            while snapshot and limit > 0:
+                key = snapshot.pop()
+                value = values.get(key)
+                taken.append((partition, key, raw.get(key) if value is None else encode(value)))
+                limit -= 1
+        return taken
+
+    @property
+    def snapshot_size(self) -> int:
+        """Values of the snapshot `snapshot_slice` has not given yet."""
+        return sum(
+            len(part.snapshot) + len(part.snapshot_written) for part in self._partitions.values()
+        )
+
+    @property
+    def snapshot_pending(self) -> bool:
+        """Whether the snapshot has values `snapshot_slice` has not given yet."""
+        return any(part.snapshot or part.snapshot_written for part in self._partitions.values())
+
     def stream_time(self, partition: int) -> int:
         """The latest event time (ms) applied in `partition` since it was assigned."""
         return self._partitions[partition].stream_time
@@ -243,14 +307,20 @@ class KeyedStore(Generic[V]):
 
     # -- restore -------------------------------------------------------------------------------
 
-    def restore(self, partition: int, key: str, value: bytes | None) -> None:
-        """Apply one changelog record (None: a tombstone); decoded when first used."""
+    def restore(self, partition: int, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Apply changelog records in log order: (UTF-8 key, value or None for a tombstone).
+
+        A value is kept as bytes and decoded when its key is first used."""
         part = self._partitions[partition]
-        part.values.pop(key, None)
-        if value is None:
-            part.raw.pop(key, None)
-        else:
-            part.raw[key] = value
+        raw, values = part.raw, part.values
+        if values:
+            for key, _ in records:
+                values.pop(key.decode(), None)
+        for key, value in records:
+            if value is None:
+                raw.pop(key.decode(), None)
+            else:
+                raw[key.decode()] = value
 
     def restored(self, partition: int, position: int | None) -> None:
         """The partition's changelog is read: its state covers input offsets before `position`."""

@@ -43,6 +43,9 @@ def scorer_env(bootstrap: str, topics: Topics, model_path: Path, **extra: str) -
             "STREAMER_MODEL_PATH": str(model_path),
             "STREAMER_LOG_FORMAT": "json",
             "STREAMER_PROGRESS_INTERVAL": "1",
+            # Many scorers run at once (a group of three, other test sessions on the machine):
+            # none serves metrics unless its test asks for a port of its own.
+            "STREAMER_METRICS_PORT": "0",
         }
     )
     env.update(extra)

@@ -13,8 +13,10 @@ from streamer.app import CARD_STORE, CardState, ScoringApp
 from streamer.headers import Headers, header_map
 from streamer.kafka.checkpoint import AtLeastOnce, Changelog
 from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.metrics import ScorerMetrics
 from streamer.model.scorer import Scorer
-from streamer.pipeline import Pipeline
+from streamer.pipeline import BatchDecoder, Pipeline
+from streamer.serde import decode_and_validate
 from streamer.settings import Settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
@@ -55,7 +57,8 @@ class DeliveredMessage:
 class RecordingProducer:
     """Stands in for OutputProducer: keeps what is produced, reports it on poll or flush.
 
-    Outputs to a topic in `refuse` are reported failed with `refuse_error`; `events`, when
+    Outputs to a topic in `refuse` are reported failed with `refuse_error`, those to a topic in
+    `hold` are not reported until it no longer holds them; `events`, when
     given, receives ("produce", topic) per record, to check the order of a checkpoint's steps.
     """
 
@@ -63,6 +66,7 @@ class RecordingProducer:
     pending: list[tuple[Callable[[Any, Any], None], Produced]] = field(default_factory=list)
     errors: ClientErrors = field(default_factory=lambda: ClientErrors("producer"))
     refuse: set[str] = field(default_factory=set)
+    hold: set[str] = field(default_factory=set)
     refuse_error: KafkaError = field(
         default_factory=lambda: KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
     )
@@ -85,7 +89,8 @@ class RecordingProducer:
             self.pending.append((on_delivery, record))
 
     def poll(self, timeout: float = 0.0) -> None:
-        pending, self.pending = self.pending, []
+        pending = [(c, r) for c, r in self.pending if r.topic not in self.hold]
+        self.pending = [(c, r) for c, r in self.pending if r.topic in self.hold]
         for callback, record in pending:
             message = DeliveredMessage(
                 record.topic, record.partition or 0, record.key, record.value
@@ -97,7 +102,7 @@ class RecordingProducer:
         if self.events is not None:
             self.events.append(("flush",))
         self.poll()
-        return 0
+        return len(self.pending)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -193,7 +198,11 @@ class AppRig:
 
 
 def app_on_fakes(
-    scorer: Scorer, settings: Settings, producer: RecordingProducer | None = None
+    scorer: Scorer,
+    settings: Settings,
+    producer: RecordingProducer | None = None,
+    decode: BatchDecoder = decode_and_validate,
+    metrics: ScorerMetrics | None = None,
 ) -> AppRig:
     """A scorer (at-least-once, committing at every turn) owning partitions 0-2, on fakes.
 
@@ -212,11 +221,12 @@ def app_on_fakes(
     )
     app = ScoringApp(
         settings,
-        Pipeline(scorer, max_event_bytes=settings.max_event_bytes),
+        Pipeline(scorer, max_event_bytes=settings.max_event_bytes, decode=decode),
         cast(Consumer, consumer),
         ClientErrors("consumer"),
         cast(OutputProducer, producer),
         checkpoint,
         CardState(store, None),
+        metrics,
     )
     return AppRig(app, producer, consumer, store)

@@ -171,6 +171,7 @@ class TestCommitPosition:
         sources = [int(p.headers["streamer.source.offset"]) for p in rig.producer.produced]
         assert sources == [0, 1, 2, 3, 4, 5]
         rig.app._checkpoint.maintain()
+        rig.app._checkpoint.maintain()
         assert rig.consumer.committed_offsets == {(INPUT, 0): 6}
 
 

@@ -33,6 +33,7 @@ class Rig:
     """A checkpoint of one mode on fakes, and a way to push records through it."""
 
     def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.events: list[tuple[Any, ...]] = []
         self.consumer = FakeConsumer(events=self.events)
         self.producer = RecordingProducer(events=self.events)
@@ -73,6 +74,12 @@ class Rig:
             self.producer.produce(OUTPUT, key.encode(), outputs[-1], [], callback)
         self.checkpoint.processed(sources)
 
+    def settle(self) -> None:
+        """Turns of the loop with nothing new: at-least-once commits on the turn that finds the
+        acknowledgements of its snapshot and of the outputs before it."""
+        self.checkpoint.maintain()
+        self.checkpoint.maintain()
+
     def changelog(self) -> list[tuple[int | None, bytes | None, bytes | None, str]]:
         return [
             (p.partition, p.key, p.value, p.headers["streamer.changelog.position"])
@@ -91,26 +98,77 @@ def rig(request: pytest.FixtureRequest) -> Rig:
 
 class TestCommit:
     def test_changelog_then_offsets(self, rig: Rig) -> None:
-        """A commit produces the state's changes, flushes, then commits the offsets after them."""
+        """The state's changes are produced, then the offsets after them commit: at-least-once
+        on a later turn, once everything before them is acknowledged, without waiting for it;
+        exactly-once in one transaction."""
         rig.feed(0, range(0, 3))
         rig.feed(1, range(0, 2), key="j")
         rig.checkpoint.maintain()
         assert sorted(rig.changelog()) == [(0, b"k", b"[0, 1, 2]", "3"), (1, b"j", b"[0, 1]", "2")]
-        steps = [e[0] for e in rig.events if e[0] != "begin"]
         last_changelog = max(i for i, e in enumerate(rig.events) if e == ("produce", CHANGELOG))
-        assert steps[-2:] == ["flush", "commit"]
-        assert rig.events.index(("flush",)) > last_changelog
+        if rig.mode == "at-least-once":
+            assert rig.committed() == []  # nothing acknowledged yet
+            rig.checkpoint.maintain()
+            assert ("flush",) not in rig.events
+        else:
+            steps = [e[0] for e in rig.events if e[0] != "begin"]
+            assert steps[-2:] == ["flush", "commit"]
+            assert rig.events.index(("flush",)) > last_changelog
+        assert rig.events.index(rig.committed()[0]) > last_changelog
         assert rig.committed() == [("commit", [(INPUT, 0, 3), (INPUT, 1, 2)])]
+        assert not rig.checkpoint.pending
 
     def test_only_changed_keys_are_written_again(self, rig: Rig) -> None:
         """After a commit, the next one writes only the keys changed since."""
         rig.feed(0, range(0, 2))
         rig.feed(0, range(2, 3), key="other")
-        rig.checkpoint.maintain()
+        rig.settle()
         rig.producer.produced.clear()
         rig.feed(0, range(3, 4))
-        rig.checkpoint.maintain()
+        rig.settle()
         assert rig.changelog() == [(0, b"k", b"[0, 1, 3]", "4")]
+
+    def test_the_snapshot_keeps_values_as_they_were(self) -> None:
+        """At-least-once: a record that changes a value of the snapshot being written does not
+        change what the snapshot writes, and the offsets committed are the snapshot's."""
+        rig = Rig("at-least-once")
+        checkpoint = cast(AtLeastOnce, rig.checkpoint)
+        rig.feed(0, range(0, 2))
+        rig.feed(0, range(2, 3), key="other")
+        checkpoint._begin_snapshot()  # as maintain does, before writing any of it
+        rig.feed(0, range(3, 5))
+        checkpoint.maintain()
+        assert sorted(rig.changelog()) == [(0, b"k", b"[0, 1]", "3"), (0, b"other", b"[2]", "3")]
+        checkpoint.maintain()
+        assert rig.committed() == [("commit", [(INPUT, 0, 3)])]
+        assert checkpoint.pending  # offsets 3 and 4 are in the next snapshot
+        rig.settle()
+        assert rig.changelog()[-1] == (0, b"k", b"[0, 1, 3, 4]", "5")
+        assert rig.committed()[-1] == ("commit", [(INPUT, 0, 5)])
+
+    def test_a_restored_partition_with_nothing_new_holds_nothing_up(self, rig: Rig) -> None:
+        """A partition restored from its changelog and not scored since has a position but no
+        outputs: the other partitions' offsets commit, and nothing stays pending."""
+        rig.store.restore(1, [(b"j", b"[7]")])
+        rig.store.restored(1, 8)
+        rig.feed(0, range(0, 2))
+        rig.settle()
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+        assert not rig.checkpoint.pending
+
+    def test_offsets_wait_for_the_outputs_before_them(self) -> None:
+        """At-least-once: a snapshot's offsets commit only once every output before them is
+        acknowledged, however long that takes."""
+        rig = Rig("at-least-once")
+        rig.producer.hold.add(OUTPUT)
+        rig.feed(0, range(0, 2))
+        rig.settle()
+        rig.settle()
+        assert rig.committed() == []
+        assert rig.checkpoint.pending
+        rig.producer.hold.clear()
+        rig.settle()
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
 
     def test_nothing_to_commit_commits_nothing(self, rig: Rig) -> None:
         """An idle checkpoint neither produces nor commits."""
@@ -131,7 +189,7 @@ class TestFailure:
         """A refused verdict stops the scorer; no offset at or after it is committed."""
         rig = Rig("at-least-once")
         rig.feed(0, range(0, 2))
-        rig.checkpoint.maintain()
+        rig.settle()
         rig.producer.refuse.add(OUTPUT)
         rig.feed(0, range(2, 4))
         with pytest.raises(DeliveryFailedError, match=r"transactions\[0\]@2"):
@@ -144,7 +202,7 @@ class TestFailure:
         rig.producer.refuse.add(CHANGELOG)
         rig.feed(0, range(0, 2))
         with pytest.raises(DeliveryFailedError):
-            rig.checkpoint.maintain()
+            rig.settle()
         assert rig.committed() == []
 
     def test_exactly_once_refused_output_aborts_rolls_back_and_rewinds(self) -> None:

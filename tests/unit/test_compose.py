@@ -27,8 +27,10 @@ def _streamer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 class TestCompose:
     def test_expected_services(self, compose: dict[str, Any]) -> None:
-        """Broker, topic creation, training, scorer and an optional producer are there."""
-        assert set(compose["services"]) >= {"kafka", "topics", "train", "streamer", "producer"}
+        """Broker, topics, training, scorer, Prometheus and an optional producer are there."""
+        assert set(compose["services"]) >= {
+            "kafka", "topics", "train", "streamer", "prometheus", "producer"
+        }  # fmt: skip
         assert compose["services"]["producer"]["profiles"] == ["producer"]
 
     def test_broker_image_matches_the_local_broker_version(self, compose: dict[str, Any]) -> None:
@@ -93,3 +95,43 @@ class TestDockerfile:
         dockerfile = (ROOT / "Dockerfile").read_text()
         for needed in ("schemas", "streamer", "pyproject.toml"):
             assert re.search(rf"^COPY .*\b{needed}\b", dockerfile, re.MULTILINE), needed
+
+
+class TestPrometheus:
+    def test_scorer_listens_where_prometheus_scrapes(self, compose: dict[str, Any]) -> None:
+        """The scrape target is the scorer service on its metrics port, on every interface."""
+        environment = compose["services"]["streamer"]["environment"]
+        settings = Settings.model_validate(
+            {k.removeprefix(ENV_PREFIX).lower(): v for k, v in environment.items()}
+        )
+        assert settings.metrics_host == "0.0.0.0"
+        config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+        targets = [
+            target
+            for job in config["scrape_configs"]
+            for static in job["static_configs"]
+            for target in static["targets"]
+        ]
+        assert targets == [f"streamer:{settings.metrics_port}"]
+
+    def test_prometheus_loads_the_rules(self, compose: dict[str, Any]) -> None:
+        """The official image gets the config and the alert rules beside it, read-only."""
+        service = compose["services"]["prometheus"]
+        assert service["image"].startswith("prom/prometheus:")
+        assert "./deploy/prometheus:/etc/prometheus:ro" in service["volumes"]
+        assert "--config.file=/etc/prometheus/prometheus.yml" in service["command"]
+        config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+        for rules in config["rule_files"]:
+            assert (ROOT / "deploy" / "prometheus" / rules).is_file()
+
+    def test_scorer_healthcheck_asks_readyz_with_the_image_python(
+        self, compose: dict[str, Any]
+    ) -> None:
+        """The healthcheck is Python (the image has no curl) asking /readyz on the metrics port."""
+        scorer = compose["services"]["streamer"]
+        test = scorer["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"]
+        compile(test[3], "healthcheck", "exec")
+        port = scorer["environment"]["STREAMER_METRICS_PORT"]
+        assert f"http://127.0.0.1:{port}/readyz" in test[3]
+        assert f"{port}:{port}" in scorer["ports"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from streamer import serde
 from streamer.errors import DecodeError, ValidationError
 from streamer.events import Transaction, Verdict, validate_transaction
 from streamer.serde import (
@@ -69,6 +70,19 @@ class TestSchemas:
         names = {field["name"] for field in schema["fields"]}
         assert schema["name"] == "Verdict"
         assert set(Verdict.model_fields) == names
+
+    @pytest.mark.parametrize("name", ["transaction.avsc", "verdict.avsc"])
+    def test_package_copy_equals_the_documented_schema(self, name: str) -> None:
+        """streamer/schemas/ (what the package reads) is byte for byte the top-level schemas/."""
+        packaged = serde.SCHEMAS.joinpath(name).read_bytes()
+        assert packaged == (SCHEMAS / name).read_bytes(), (
+            f"streamer/schemas/{name} differs from schemas/{name}: copy the top-level one over"
+        )
+
+    def test_package_ships_no_other_schema(self) -> None:
+        """Every schema of the top level is in the package and the other way round."""
+        packaged = {entry.name for entry in serde.SCHEMAS.iterdir() if entry.name.endswith(".avsc")}
+        assert packaged == {path.name for path in SCHEMAS.glob("*.avsc")}
 
 
 class TestAvro:

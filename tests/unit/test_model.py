@@ -16,15 +16,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sklearn
 import skops.io
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_info
 
 from streamer.errors import ConfigError, ModelRefusedError
 from streamer.features import FEATURE_ORDER, HISTORY_FEATURES, build_features
 from streamer.model.artifact import (
+    CLASSIFIER_TYPES,
     MODEL_MAJOR_VERSION,
     TRUSTED_TYPES,
     ModelCard,
@@ -283,12 +287,17 @@ class TestLoadModel:
 
         assert "no model artefact" in message
         assert "streamer train" in message
+        assert "streamer model import" in message
+        assert "STREAMER_MODEL_PATH" in message
 
     def test_refuses_missing_card(self, model_copy: Path) -> None:
         """An artefact without its card is refused."""
         card_path_for(model_copy).unlink()
 
-        assert "no model card" in _refusal(model_copy)
+        message = _refusal(model_copy)
+
+        assert "has no model card" in message
+        assert "copy it along with the artefact" in message
 
     def test_refuses_card_that_is_not_json(self, model_copy: Path) -> None:
         """A card that does not parse is refused as invalid."""
@@ -311,25 +320,48 @@ class TestLoadModel:
         data[len(data) // 2] ^= 0x01
         model_copy.write_bytes(bytes(data))
 
-        assert "sha256" in _refusal(model_copy)
+        message = _refusal(model_copy)
+
+        assert "sha256" in message
+        assert "changed after its card was written" in message
 
     def test_refuses_other_sklearn_version(self, model_copy: Path) -> None:
         """A model trained with another scikit-learn is refused."""
         _rewrite_card(model_copy, sklearn_version="0.24.2")
 
-        assert "scikit-learn 0.24.2" in _refusal(model_copy)
+        message = _refusal(model_copy)
+
+        assert "scikit-learn 0.24.2" in message
+        assert f"runs scikit-learn {sklearn.__version__}" in message
+        assert "pip install scikit-learn==0.24.2" in message
 
     def test_refuses_other_features(self, model_copy: Path) -> None:
         """A card whose features differ from FEATURE_ORDER is refused."""
         _rewrite_card(model_copy, features=list(reversed(FEATURE_ORDER)))
 
-        assert "expects features" in _refusal(model_copy)
+        message = _refusal(model_copy)
+
+        assert "same names in another order" in message
+        assert "retrain with `streamer train`" in message
+        assert "`streamer features` output" in message
+
+    def test_refuses_missing_feature(self, model_copy: Path) -> None:
+        """A card from a version with other features names what is missing and what is new."""
+        _rewrite_card(model_copy, features=[*FEATURE_ORDER[:-1], "card_velocity"])
+
+        message = _refusal(model_copy)
+
+        assert f"missing [{FEATURE_ORDER[-1]!r}]" in message
+        assert "unknown ['card_velocity']" in message
 
     def test_refuses_other_format(self, model_copy: Path) -> None:
         """A card naming another artefact format is refused."""
         _rewrite_card(model_copy, artifact_format="pickle")
 
-        assert "format 'pickle'" in _refusal(model_copy)
+        message = _refusal(model_copy)
+
+        assert "format 'pickle'" in message
+        assert "streamer model import PATH" in message
 
     def test_refuses_type_outside_trusted_types(
         self, trained: tuple[Path, ModelCard], tmp_path: Path
@@ -343,17 +375,66 @@ class TestLoadModel:
 
         message = _refusal(rogue_path)
 
-        assert "outside TRUSTED_TYPES" in message
-        assert "system" in message
+        assert "not trusted" in message
+        assert "posix.system" in message
+        assert "RandomForestClassifier" in message  # names the supported families
 
-    def test_refuses_other_estimator(self, trained: tuple[Path, ModelCard], tmp_path: Path) -> None:
-        """A skops file of another (skops-trusted) estimator is refused."""
+    def test_refuses_unsupported_estimator(
+        self, trained: tuple[Path, ModelCard], tmp_path: Path
+    ) -> None:
+        """A skops file of an estimator skops trusts but streamer does not support is refused."""
         features = np.random.default_rng(0).random((50, len(FEATURE_ORDER)))
-        estimator = LogisticRegression().fit(features, np.arange(50) % 2 == 0)
+        estimator = KNeighborsClassifier().fit(features, np.arange(50) % 2)
         other_path = tmp_path / "fraud-model.skops"
         save_model(estimator, trained[1], other_path)
 
-        assert "not a HistGradientBoostingClassifier" in _refusal(other_path)
+        message = _refusal(other_path)
+
+        assert "holds a KNeighborsClassifier as its classifier" in message
+        assert "LogisticRegression" in message
+
+    def test_refuses_type_its_family_does_not_need(
+        self, trained: tuple[Path, ModelCard], tmp_path: Path
+    ) -> None:
+        """A LogisticRegression carrying a (trusted) forest tree is refused: no spare trust."""
+        features = np.random.default_rng(0).random((50, len(FEATURE_ORDER)))
+        labels = np.arange(50) % 2
+        estimator = LogisticRegression().fit(features, labels)
+        estimator.extra = DecisionTreeClassifier().fit(features, labels).tree_
+        rogue_path = tmp_path / "fraud-model.skops"
+        save_model(estimator, trained[1], rogue_path)
+
+        message = _refusal(rogue_path)
+
+        assert "LogisticRegression does not need" in message
+        assert "sklearn.tree._tree.Tree" in message
+
+    def test_refuses_other_feature_names(
+        self, trained: tuple[Path, ModelCard], tmp_path: Path
+    ) -> None:
+        """A model fitted on columns named otherwise than FEATURE_ORDER is refused."""
+        features = np.random.default_rng(0).random((50, len(FEATURE_ORDER)))
+        estimator = LogisticRegression().fit(features, np.arange(50) % 2)
+        estimator.feature_names_in_ = np.array([f"f{i}" for i in range(len(FEATURE_ORDER))])
+        other_path = tmp_path / "fraud-model.skops"
+        save_model(estimator, trained[1], other_path)
+
+        message = _refusal(other_path)
+
+        assert "fitted on other feature columns" in message
+        assert "unknown ['f0'" in message
+
+    def test_refuses_other_classes(self, trained: tuple[Path, ModelCard], tmp_path: Path) -> None:
+        """A classifier of labels other than 0/1 is refused, saying column 1 must be fraud."""
+        features = np.random.default_rng(0).random((50, len(FEATURE_ORDER)))
+        labels = np.where(np.arange(50) % 2 == 0, "legit", "fraud")
+        estimator = LogisticRegression().fit(features, labels)
+        other_path = tmp_path / "fraud-model.skops"
+        save_model(estimator, trained[1], other_path)
+
+        message = _refusal(other_path)
+
+        assert "predicts classes ['fraud', 'legit'], not [0, 1]" in message
 
     def test_refuses_zip_that_is_not_skops(self, model_copy: Path) -> None:
         """A zip with a matching card but no skops schema is refused as not a skops file."""
@@ -379,16 +460,18 @@ class TestLoadModel:
 
         message = _refusal(model_copy)
 
-        assert "not a valid skops file" in message
+        assert "is a pickle" in message
+        assert "streamer model import PATH" in message
         assert not marker.exists()
 
     def test_trusted_types_are_what_the_artefact_needs(
         self, trained: tuple[Path, ModelCard]
     ) -> None:
-        """TRUSTED_TYPES is exactly the untrusted-type list of a real artefact: no spare trust."""
+        """The HGB family's types are exactly the untrusted-type list of a real artefact."""
         untrusted = skops.io.get_untrusted_types(file=trained[0])
 
-        assert set(untrusted) == TRUSTED_TYPES
+        assert set(untrusted) == CLASSIFIER_TYPES[HistGradientBoostingClassifier]
+        assert set(untrusted) <= TRUSTED_TYPES
 
 
 class TestScorer:

@@ -103,20 +103,27 @@ class TestRestore:
     def test_restore_applies_values_and_tombstones(self, store: KeyedStore[list[int]]) -> None:
         """Changelog records replace values; a tombstone deletes; the position is as given."""
         store.assign(0)
-        store.restore(0, "a", b"[1]")
-        store.restore(0, "b", b"[2]")
-        store.restore(0, "a", None)
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
+        store.restore(0, [(b"a", None), ("\u00e9".encode(), b"[3]")])
         store.restored(0, 42)
-        assert store.values(0) == {"b": [2]}
+        assert store.values(0) == {"b": [2], "\u00e9": [3]}
         assert store.position(0) == 42
         store.rollback()
         assert store.position(0) == 42
 
+    def test_a_later_record_replaces_a_decoded_value(self, store: KeyedStore[list[int]]) -> None:
+        """A partition read again from the start (its reader had to be reassigned) ends with
+        the changelog's latest values, whether or not a value was decoded meanwhile."""
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
+        assert store.checkout([0], ["a"]) == {"a": [1]}
+        store.restore(0, [(b"a", b"[5]"), (b"b", None)])
+        store.restored(0, 7)
+        assert store.values(0) == {"a": [5]}
+
     def test_values_are_decoded_when_first_used(self, store: KeyedStore[list[int]]) -> None:
         """A restored value stays bytes until a record of its key needs it; unused, it is
         written back unchanged."""
-        store.restore(0, "a", b"[1]")
-        store.restore(0, "b", b"[2]")
+        store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]")])
         store.restored(0, 5)
         assert len(store) == 2
         view = store.checkout([0], ["a"])
@@ -125,6 +132,62 @@ class TestRestore:
 
     def test_bad_bytes_stop_the_scorer_naming_the_key(self, store: KeyedStore[list[int]]) -> None:
         """Bytes the codec cannot read are an error, not a silent empty state."""
-        store.restore(0, "a", b"not json")
+        store.restore(0, [(b"a", b"not json")])
         with pytest.raises(StateCorruptError, match="partition 0, key 'a'"):
             store.checkout([0], ["a"])
+
+
+class TestSnapshot:
+    @pytest.fixture
+    def alos(self) -> KeyedStore[list[int]]:
+        store: KeyedStore[list[int]] = KeyedStore("totals", TOTALS, keep_undo=False)
+        store.assign(0)
+        store.assign(1)
+        return store
+
+    def test_a_snapshot_takes_the_changes_with_their_positions(
+        self, alos: KeyedStore[list[int]]
+    ) -> None:
+        """The changes since the last snapshot, a slice at a time; the next starts empty."""
+        for offset, key in enumerate("abc"):
+            _apply(alos, 0, key, offset, offset)
+        _apply(alos, 1, "z", 9, 0)
+        assert alos.begin_snapshot() == {0: 3, 1: 1}
+        first = alos.snapshot_slice(2)
+        assert len(first) == 2
+        assert alos.snapshot_pending
+        rest = alos.snapshot_slice(10)
+        assert not alos.snapshot_pending
+        assert sorted(first + rest) == [
+            (0, "a", b"[0]"),
+            (0, "b", b"[1]"),
+            (0, "c", b"[2]"),
+            (1, "z", b"[9]"),
+        ]
+        assert alos.begin_snapshot() == {0: 3, 1: 1}
+        assert alos.snapshot_slice(10) == []
+
+    def test_a_value_changed_meanwhile_is_written_as_it_was(
+        self, alos: KeyedStore[list[int]]
+    ) -> None:
+        """Copy on write: a record that changes a value not written yet has the snapshot take
+        it first, so the snapshot holds the state at its positions, and the change goes in the
+        next snapshot; a value deleted meanwhile is written as it was too."""
+        _apply(alos, 0, "a", 1, 0)
+        _apply(alos, 0, "b", 2, 1)
+        alos.begin_snapshot()
+        _apply(alos, 0, "a", 3, 2)
+        assert alos.snapshot_slice(0) == [(0, "a", b"[1]")]
+        assert alos.snapshot_slice(10) == [(0, "b", b"[2]")]
+        assert alos.begin_snapshot() == {0: 3}
+        assert alos.snapshot_slice(10) == [(0, "a", b"[1, 3]")]
+
+    def test_one_snapshot_at_a_time_and_never_with_undo(
+        self, alos: KeyedStore[list[int]], store: KeyedStore[list[int]]
+    ) -> None:
+        _apply(alos, 0, "a", 1, 0)
+        alos.begin_snapshot()
+        with pytest.raises(RuntimeError, match="previous snapshot"):
+            alos.begin_snapshot()
+        with pytest.raises(RuntimeError, match="undo"):
+            store.begin_snapshot()

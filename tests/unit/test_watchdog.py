@@ -117,3 +117,19 @@ def test_by_default_the_process_ends_with_the_error_logged() -> None:
     assert stopped[0]["level"] == "error"
     assert stopped[0]["error_class"] == "StalledError"
     assert stopped[0]["error"].startswith("send_offsets_to_transaction has blocked for")
+
+
+def test_guarding_names_the_call_under_way() -> None:
+    """What `/livez` tells about a stuck loop: the guarded call and how long it has run."""
+    watchdog = Watchdog(grace=5.0, on_stall=Stalls())
+    try:
+        assert watchdog.guarding is None
+        with watchdog.guard("commit_transaction", 5.0):
+            time.sleep(0.05)
+            guarding = watchdog.guarding
+            assert guarding is not None
+            assert guarding[0] == "commit_transaction"
+            assert guarding[1] >= 0.05
+        assert watchdog.guarding is None
+    finally:
+        watchdog.close()

@@ -23,7 +23,6 @@ from typing import Any, Final
 import numpy as np
 
 from streamer.app import CARD_STORE, BatchState
-from streamer.events import screen_transactions
 from streamer.headers import SOURCE_OFFSET, source_header_prefix
 from streamer.kafka.clients import OutputProducer
 from streamer.kafka.delivery import DeliveryTracker
@@ -59,19 +58,6 @@ class StageTimes:
         self.cpu[stage] += now[1] - self._last[1]
         self._last = now
 
-    def move_lap(self, source: str, stage: str) -> None:
-        """Charge the time since the last lap to `stage` and take it off `source`.
-
-        For a step timed once more on its own, to split a call that does two stages' work.
-        """
-        now = (time.perf_counter(), time.thread_time())
-        wall, cpu = now[0] - self._last[0], now[1] - self._last[1]
-        self.wall[stage] += wall
-        self.cpu[stage] += cpu
-        self.wall[source] -= wall
-        self.cpu[source] -= cpu
-        self._last = now
-
 
 def time_hot_loop(
     batches: Sequence[Sequence[InputRecord]],
@@ -93,9 +79,8 @@ def time_hot_loop(
     histories; without it, from empty. A scorer decodes a restored card once, at its first
     record after the restore (when its store defers decoding): a cost of restoring, not of the
     steady state timed here. Decoding and validation are one call in the pipeline
-    (`serde.decode_and_validate`), whose validation is `events.screen_transactions` over the
-    decoded columns; that screen is timed once more on its own and moved from `decode` to
-    `validate`. `produce` includes serving delivery reports (the offset tracking callbacks) and
+    (`serde.decode_and_validate`), which laps `decode` once the values are decoded, before
+    validation. `produce` includes serving delivery reports (the offset tracking callbacks) and
     the final flush, as the scorer pays for both. Raises `BenchError` if a record fails a stage or
     an output is not delivered: the breakdown is only meaningful for the happy path.
     """
@@ -112,7 +97,7 @@ def time_hot_loop(
                 restored.add(key)
                 card = key.decode()
                 if card in state:
-                    store.restore(partition, card, state[card])
+                    store.restore(partition, [(key, state[card])])
     for partition in store.partitions:
         store.values(partition)  # decodes whatever the restore kept as bytes
     for batch in batches:
@@ -129,8 +114,6 @@ def time_hot_loop(
         if scored.errors:
             index, error = min(scored.errors.items())
             raise BenchError(f"record {index} of a synthetic batch was refused: {error}")
-        screen_transactions(columns, keys)
-        times.move_lap("decode", "validate")
         callbacks = tracker.track_batch(sources, keys, scored.verdicts)
         prefixes = {(t, p): source_header_prefix(t, p) for t, p, _ in sources}
         for (key, _value, partition, offset), value, on_delivery in zip(
@@ -201,7 +184,7 @@ def held_state_bytes(records: Sequence[Mapping[str, Any]], batch_size: int) -> t
         before = tracemalloc.get_traced_memory()[0]
         store.assign(partition)
         for key, value in changelog:
-            store.restore(partition, key.decode(), bytes(value))
+            store.restore(partition, [(bytes(key), bytes(value))])
         store.restored(partition, len(records))
         gc.collect()
         restored = tracemalloc.get_traced_memory()[0] - before

@@ -26,6 +26,10 @@ How each number is taken, and why:
   group of each stateful at-least-once drain: assigned every partition, it restores the drain's
   state from the changelog, finds nothing left to consume and exits after the idle wait; its
   "state restored" log line gives records, keys and seconds (the median restore is reported).
+- **Metrics.** Every scorer serves its metrics (`STREAMER_METRICS_PORT`, a free port each), as
+  users run it, and the bench scrapes each one's `/metrics` every `SCRAPE_SECONDS` (what a
+  Prometheus server would cost it, many times over); one more throughput run with metrics off
+  (`STREAMER_METRICS_PORT=0`) is the baseline of the metrics cost.
 - **State memory.** `state_cards` events, each of a card never seen before, drained by a
   stateful and a stateless scorer (measured as throughput runs): the difference of their peak
   RSS over the cards is what the state costs a card, for the smallest history there is (one
@@ -100,9 +104,11 @@ from streamer.tools.bench.instruments import (
     ChildProcess,
     LatencyReader,
     PacedRun,
+    Scraper,
     create_topics,
     delete_topics,
     failed,
+    free_port,
     log,
     partition_sizes,
     read_outputs,
@@ -137,6 +143,8 @@ The scorer keeps state per card, not per event: an event sent again is a new tra
 card, which its history takes as happening at the card's latest time (it never goes back).
 """
 FIRST_WARMUP_EVENTS: Final = 200
+SCRAPE_SECONDS: Final = 1.0
+"""Seconds between two scrapes of a scorer's metrics: 15 times as often as Prometheus's default."""
 BREAKDOWN_PASSES: Final = 3
 BREAKDOWN_HISTORY_DAYS: Final = 7.0
 """Days of the synthetic world applied to the card state before the breakdown's timed records.
@@ -192,6 +200,7 @@ class Bench:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     topics: list[str] = field(default_factory=list)
     processes: list[ChildProcess] = field(default_factory=list)
+    scrapers: list[Scraper] = field(default_factory=list)
     latency_samples: dict[tuple[str, float], list[float]] = field(default_factory=dict)
 
     def topic(self, role: str) -> str:
@@ -212,6 +221,7 @@ class Bench:
         group: str,
         guarantee: str = "at-least-once",
         card_state: bool = True,
+        metrics: bool = True,
         until_idle: float | None = None,
     ) -> ChildProcess:
         """Start `streamer run` (kind `scorer`) or the pass-through with the same flags.
@@ -249,10 +259,12 @@ class Bench:
             command = [sys.executable, "-m", "streamer.tools.bench", "passthrough"]
         # Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee and whether the
         # scorer keeps card state are the run's own.
+        metrics_port = free_port() if kind == SCORER and metrics else 0
         env = {
             **os.environ,
             "STREAMER_PROCESSING_GUARANTEE": guarantee,
             "STREAMER_CARD_STATE": "true" if card_state else "false",
+            "STREAMER_METRICS_PORT": str(metrics_port),
         }
         if kind == SCORER and card_state:
             changelog = changelog_topic(group, CARD_STORE)
@@ -267,11 +279,15 @@ class Bench:
         logs.mkdir(parents=True, exist_ok=True)
         process = ChildProcess(label, [*command, *common], env, logs / f"{label}.log")
         self.processes.append(process)
+        if metrics_port:
+            self.scrapers.append(Scraper(process, metrics_port, SCRAPE_SECONDS))
         return process
 
     def kill_all(self) -> None:
         for process in self.processes:
             process.kill()
+        for scraper in self.scrapers:
+            scraper.stop()
 
     # -- phases --
 
@@ -389,18 +405,22 @@ class Bench:
         guarantee: str = "at-least-once",
         processes: int = 1,
         card_state: bool = True,
+        metrics: bool = True,
         repeat: int = 0,
         tag: str = "",
     ) -> tuple[Throughput, _Drain]:
         """One drain of `input_topic` by `processes` processors in one group.
 
-        `card_state` False runs the scorer without state (`STREAMER_CARD_STATE=false`); `tag`
-        tells apart the topics and group of runs over different inputs.
+        `card_state` False runs the scorer without state (`STREAMER_CARD_STATE=false`),
+        `metrics` False without metrics (`STREAMER_METRICS_PORT=0`); `tag` tells apart the
+        topics and group of runs over different inputs.
         """
         stateless = kind == SCORER and not card_state
+        quiet = kind == SCORER and not metrics
         label = (
             f"{kind}-{guarantee}-x{processes}"
             + ("-stateless" if stateless else "")
+            + ("-nometrics" if quiet else "")
             + (f"-{tag}" if tag else "")
             + (f"-{repeat + 1}" if repeat else "")
         )
@@ -426,6 +446,7 @@ class Bench:
                 group=group,
                 guarantee=guarantee,
                 card_state=card_state,
+                metrics=metrics,
                 until_idle=self.options.until_idle,
             )
             for index in range(processes)
@@ -484,6 +505,7 @@ class Bench:
             cpu_seconds=cpu,
             note="; ".join(notes),
             card_state=card_state if kind == SCORER else False,
+            metrics=metrics if kind == SCORER else False,
         )
         log(
             f"{label}: {result.events_per_second:,.0f} events/s over {seconds:.1f} s, "
@@ -769,16 +791,20 @@ class Bench:
             report.breakdown = stage_costs(times.wall, times.cpu, report.breakdown_records)
             with timed(phases, "state held"):
                 report.held_state = self.held_state()
-            # (kind, guarantee, processes, card state): the scorer as users run it, with card
-            # state, in both modes and two processes; without state once, as its baseline.
+            # (kind, guarantee, processes, card state, metrics): the scorer as users run it,
+            # with card state and metrics, in both modes and two processes; without state once
+            # and without metrics once, as their baselines.
             runs = (
-                (PASSTHROUGH, "at-least-once", 1, False),
-                (SCORER, "at-least-once", 1, True),
-                (SCORER, "at-least-once", 1, False),
-                (SCORER, "exactly-once", 1, True),
-                (SCORER, "at-least-once", 2, True),
+                (PASSTHROUGH, "at-least-once", 1, False, False),
+                (SCORER, "at-least-once", 1, True, True),
+                (SCORER, "at-least-once", 1, False, True),
+                (SCORER, "at-least-once", 1, True, False),
+                (SCORER, "exactly-once", 1, True, True),
+                (SCORER, "at-least-once", 2, True, True),
             )
-            repeats: dict[tuple[str, str, int, bool], list[Throughput]] = {r: [] for r in runs}
+            repeats: dict[tuple[str, str, int, bool, bool], list[Throughput]] = {
+                r: [] for r in runs
+            }
             stateful_drains: list[_Drain] = []
             with timed(phases, "throughput"):
                 for repeat in range(options.throughput_repeats):
@@ -786,7 +812,7 @@ class Bench:
                         done = repeats[run]
                         if done and not done[0].available:
                             continue
-                        kind, guarantee, processes, card_state = run
+                        kind, guarantee, processes, card_state, metrics = run
                         result, drain = self.throughput(
                             kind,
                             input_topic,
@@ -794,10 +820,11 @@ class Bench:
                             guarantee=guarantee,
                             processes=processes,
                             card_state=card_state,
+                            metrics=metrics,
                             repeat=repeat,
                         )
                         done.append(result)
-                        if run == (SCORER, "at-least-once", 1, True):
+                        if run == (SCORER, "at-least-once", 1, True, True):
                             stateful_drains.append(drain)
             report.throughput = [median_run(done) for done in repeats.values()]
             with timed(phases, "file score"):

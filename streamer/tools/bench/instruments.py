@@ -20,9 +20,12 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -551,3 +554,48 @@ class PacedRun:
     def latencies_ms(self) -> list[float]:
         arrived = self._reader.arrived
         return [(arrived[key] - sent) / 1e6 for key, sent in self.sent_at.items() if key in arrived]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a scorer's metrics)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Scraper:
+    """Scrapes a scorer's `/metrics` every `interval` seconds from a daemon thread, as Prometheus
+    would, so a throughput run pays what serving metrics costs.
+
+    It waits for the endpoint to answer (the scorer is starting), then scrapes until the
+    endpoint stops answering (the scorer has exited) or `stop` is called.
+    """
+
+    START_SECONDS: ClassVar[float] = 120.0
+
+    def __init__(self, process: ChildProcess, port: int, interval: float) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"scrape-{process.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                if self.scrapes or time.monotonic() - started > self.START_SECONDS:
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

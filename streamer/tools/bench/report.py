@@ -41,6 +41,8 @@ MIN_STATE_RATIO: Final = 0.7
 MIN_RESTORE_RATE: Final = 200_000.0
 """Changelog records per second a scorer applies when it restores card state."""
 MAX_STATEFUL_P99_EXCESS_MS: Final = 10.0
+MIN_METRICS_RATIO: Final = 0.95
+"""The scorer serving metrics reaches at least this share of its throughput without them."""
 """The stateful scorer's p99 at `LATENCY_RATE` may exceed the pass-through's by this many ms."""
 MIN_FILE_SCORE_RATIO: Final = 1.0
 """`streamer score` over a file of the preloaded events reaches at least the stateful scorer's
@@ -80,6 +82,8 @@ class Throughput:
 
     The pass-through keeps no state; its value is not read.
     """
+    metrics: bool = True
+    """The scorer served metrics (`STREAMER_METRICS_PORT`); False for the metrics-cost baseline."""
 
     @property
     def events_per_second(self) -> float:
@@ -89,10 +93,15 @@ class Throughput:
 
     @property
     def label(self) -> str:
-        """The processor, and for the scorer whether it kept card state: "scorer, stateless"."""
-        if self.name == PASSTHROUGH or self.card_state:
+        """The processor, and what the scorer left out: "scorer, stateless, no metrics"."""
+        if self.name == PASSTHROUGH:
             return self.name
-        return f"{self.name}, stateless"
+        left_out = [
+            what
+            for what, kept in (("stateless", self.card_state), ("no metrics", self.metrics))
+            if not kept
+        ]
+        return ", ".join([self.name, *left_out])
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +278,18 @@ def _find_throughput(
     processes: int,
     *,
     card_state: bool | None = None,
+    metrics: bool | None = True,
 ) -> Throughput | None:
-    """The run of that processor, guarantee and process count; `card_state` None: either."""
+    """The run of that processor, guarantee and process count; `card_state` None: either.
+
+    `metrics`: whether the scorer served metrics (None: either); by default the scorer as users
+    run it, serving them.
+    """
     for run in runs:
-        if (run.name, run.guarantee, run.processes) == (name, guarantee, processes) and (
-            card_state is None or run.card_state == card_state
+        if (
+            (run.name, run.guarantee, run.processes) == (name, guarantee, processes)
+            and (card_state is None or run.card_state == card_state)
+            and (metrics is None or run.name == PASSTHROUGH or run.metrics == metrics)
         ):
             return run
     return None
@@ -362,6 +378,15 @@ def evaluate_targets(report: Report) -> list[Target]:
     else:
         ratio = file_run.events_per_second / one.events_per_second
         targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_FILE_SCORE_RATIO)))
+
+    goal = f">= {MIN_METRICS_RATIO:.2f} x without metrics"
+    name = "metrics on / off throughput"
+    quiet = _find_throughput(runs, SCORER, "at-least-once", 1, card_state=True, metrics=False)
+    if one is None or quiet is None or not (quiet.events_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        ratio = one.events_per_second / quiet.events_per_second
+        targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_METRICS_RATIO)))
     return targets
 
 
