@@ -1,8 +1,8 @@
 """The `streamer` command: parse flags, build Settings once, call one function per command.
 
 Exit status: 0 success, 1 a runtime failure (no broker answering, Kafka, delivery) or what
-`streamer audit` reports as a failure, 2 bad usage or configuration (a missing topic included),
-3 a refused model, 130 interrupted (Ctrl-C).
+`streamer audit` reports as a failure, 2 bad usage, configuration (a missing topic included) or
+data file, 3 a refused model, 130 interrupted (Ctrl-C).
 
 Every command that talks to Kafka checks, in this order and before anything else (the model
 included): that librdkafka accepts the `STREAMER_KAFKA_*` settings, that a broker answers within
@@ -22,7 +22,13 @@ import structlog
 from confluent_kafka import KafkaException
 
 from streamer import __version__
-from streamer.errors import ConfigError, MissingTopicError, ModelRefusedError, StreamerError
+from streamer.errors import (
+    ConfigError,
+    DataFileError,
+    MissingTopicError,
+    ModelRefusedError,
+    StreamerError,
+)
 from streamer.logging import configure_logging
 from streamer.settings import Settings, load_settings, unknown_variables
 
@@ -165,8 +171,64 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None, help="training data seed (default 7)")
     train.add_argument("--size", type=positive_int, default=None, help="training set size")
     train.add_argument("--if-missing", action="store_true", help="do nothing if a model exists")
+    train.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="train on this labelled history (.parquet, .csv or .avro) instead of the synthetic "
+        "world: the fields of transaction.avsc plus the label column",
+    )
+    train.add_argument(
+        "--label-column",
+        default="is_fraud",
+        metavar="NAME",
+        help="with --data: the label column, 0/1 or false/true (default is_fraud)",
+    )
     train.add_argument("--log-format", choices=["console", "json"])
     train.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    score = commands.add_parser(
+        "score",
+        help="score a Parquet or CSV file of transactions into a file of verdicts",
+        description=(
+            "Score every row of a file with the stream's pipeline and model: rows are applied "
+            "in event-time order (ties in file order), each with its card's history before it. "
+            "The output (.parquet or .csv) has the verdict fields and the input's "
+            "transaction_id. A row that cannot be read, breaks a rule or cannot be scored goes "
+            "to --rejects with its columns, row_number, error_stage, error_reason and "
+            "error_class; without --rejects such a row stops the job and nothing is written."
+        ),
+        epilog="exit status: 0 scored; 2 bad usage, an unreadable file, or a rejected row "
+        "without --rejects; 3 a refused model",
+    )
+    score.add_argument("--input", type=Path, required=True, metavar="PATH")
+    score.add_argument("--output", type=Path, required=True, metavar="PATH")
+    score.add_argument("--rejects", type=Path, metavar="PATH")
+    score.add_argument("--model-path", type=Path, help="model artefact")
+    score.add_argument("--threshold", type=float, help="score at or above which is_fraud is true")
+    score.add_argument("--log-format", choices=["console", "json"])
+    score.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    features = commands.add_parser(
+        "features",
+        help="write the feature matrix the scorer builds for a file of transactions",
+        description=(
+            "Write transaction_id, event_time, the model's feature columns (in order) and the "
+            "label when the file has it, one row per input row in event-time order, built by "
+            "the scorer's own code. Every row must be valid."
+        ),
+        epilog="exit status: 0 written; 2 bad usage or a bad data file",
+    )
+    features.add_argument("--data", type=Path, required=True, metavar="PATH")
+    features.add_argument("--output", type=Path, required=True, metavar="PATH")
+    features.add_argument(
+        "--label-column",
+        default="is_fraud",
+        metavar="NAME",
+        help="copied to the output when present (default is_fraud)",
+    )
+    features.add_argument("--log-format", choices=["console", "json"])
+    features.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     model = commands.add_parser("model", help="bring your own model")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -402,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("invalid configuration", error=str(exc))
         return EXIT_USAGE
+    except DataFileError as exc:
+        log.error("bad data file", error=str(exc))
+        return EXIT_USAGE
     except ModelRefusedError as exc:
         log.error("model refused", error=str(exc))
         return EXIT_MODEL_REFUSED
@@ -506,21 +571,59 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _train(settings: Settings, args: argparse.Namespace) -> int:
-    from streamer.model.train import DEFAULT_SEED, DEFAULT_TRAINING_SIZE, train_model
+    from streamer.model.train import (
+        DEFAULT_SEED,
+        DEFAULT_TRAINING_SIZE,
+        train_from_file,
+        train_model,
+    )
 
     path: Path = settings.model_path
     if args.if_missing and path.exists():
         log.info("model exists, not training", model_path=str(path))
         return 0
-    card = train_model(
-        path,
-        seed=DEFAULT_SEED if args.seed is None else args.seed,
-        size=args.size or DEFAULT_TRAINING_SIZE,
-    )
+    if args.data is not None:
+        if args.seed is not None or args.size is not None:
+            raise ConfigError("--seed and --size choose synthetic data; leave them out with --data")
+        card = train_from_file(path, args.data, label_column=args.label_column)
+    else:
+        card = train_model(
+            path,
+            seed=DEFAULT_SEED if args.seed is None else args.seed,
+            size=args.size or DEFAULT_TRAINING_SIZE,
+        )
     print(f"wrote {path} ({card.name} {card.version}, threshold {card.threshold:.4f})")
     width = max((len(name) for name in card.metrics), default=0)
     for name, value in card.metrics.items():
         print(f"  {name:<{width}} {value:.4f}")
+    return 0
+
+
+def _score(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.model.scorer import Scorer
+    from streamer.tools.batch import score_file
+
+    scorer = Scorer.from_path(settings.model_path, settings.threshold)
+    report = score_file(
+        args.input,
+        args.output,
+        scorer,
+        rejects_path=args.rejects,
+        max_event_bytes=settings.max_event_bytes,
+    )
+    print(
+        f"scored {report.scored:,} of {report.rows:,} rows into {args.output}"
+        f" ({report.flagged:,} flagged, {scorer.name} {scorer.version})"
+        + (f"; {report.rejected:,} rejected into {args.rejects}" if args.rejects else "")
+    )
+    return 0
+
+
+def _features(settings: Settings, args: argparse.Namespace) -> int:
+    from streamer.tools.batch import write_features
+
+    count = write_features(args.data, args.output, label_column=args.label_column)
+    print(f"wrote {count:,} rows of features to {args.output}")
     return 0
 
 
@@ -656,6 +759,8 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": _run,
     "serve": _serve,
     "train": _train,
+    "score": _score,
+    "features": _features,
     "model": _model,
     "produce": _produce,
     "tail": _tail,

@@ -50,6 +50,12 @@ class FencedError(StreamerError):
     """
 
 
+class DataFileError(StreamerError):
+    """A data file (`streamer score`, `train --data`, `features`) cannot be used as a whole:
+    unreadable, a column missing or of the wrong type, or a bad row where every row must be good.
+    The message names the file, and the row and column when there is one."""
+
+
 class RecordError(StreamerError):
     """A single record cannot be scored; it goes to the dead-letter topic with this reason."""
 

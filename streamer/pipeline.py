@@ -15,9 +15,9 @@ model fails on has already been added (it happened, whatever its score).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -25,7 +25,12 @@ import structlog
 from streamer.errors import RecordError, ScoreError
 from streamer.features import build_features_from_columns
 from streamer.model.scorer import Scorer
-from streamer.serde import TransactionBatch, decode_and_validate, encode_verdicts
+from streamer.serde import (
+    TransactionBatch,
+    decode_and_validate,
+    encode_verdicts,
+    validate_columns,
+)
 from streamer.state.card import CardHistory
 
 log = structlog.get_logger(__name__)
@@ -88,7 +93,8 @@ class Scored:
     features: np.ndarray
     """The feature matrix the scores come from, a row per good record."""
     verdicts: list[bytes | None]
-    """Per input record: its encoded verdict, or None when `errors` has its error."""
+    """Per input record: its encoded verdict (b"" when not asked to encode), or None when
+    `errors` has its error."""
     errors: dict[int, RecordError]
     """Per failed input record (by index): why (stage decode, validate or score)."""
     flagged: int
@@ -127,12 +133,44 @@ class Pipeline:
         error is in `Scored.errors` and its verdict is None. What the decoder raises for the
         whole batch (`SchemaRegistryUnavailableError`) it raises before `state` is touched.
         """
-        scorer = self.scorer  # read once: a batch is scored by one model throughout
         batch = self._decode(
             values, keys, self._max_event_bytes, lap=None if laps is None else laps.lap
         )
         if laps is not None:
             laps.lap("validate")
+        return self._score_batch(batch, len(values), state, scored_at, laps)
+
+    def process_columns(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        state: StateView,
+        *,
+        scored_at: int | None = None,
+        encode: bool = True,
+    ) -> Scored:
+        """`process` for records held by field (a file's rows): record i is columns[name][i].
+
+        `columns` is as `serde.validate_columns` takes it; validation, features, scoring and
+        verdicts are those of `process`, and indexes in `Scored` are positions in the columns.
+        With `encode` false the verdicts are not encoded (a caller that writes them another
+        way): `Scored.verdicts` then holds b"" for each record with a verdict.
+        """
+        batch = validate_columns(columns, wire=encode)
+        count = len(columns["transaction_id"])
+        return self._score_batch(batch, count, state, scored_at, None, encode=encode)
+
+    def _score_batch(
+        self,
+        batch: TransactionBatch,
+        count: int,
+        state: StateView,
+        scored_at: int | None,
+        laps: Laps | None,
+        *,
+        encode: bool = True,
+    ) -> Scored:
+        """Features, scores and verdicts of the good records of `batch` (of `count` records)."""
+        scorer = self.scorer  # read once: a batch is scored by one model throughout
         histories = state.checkout(batch.indexes, batch.columns["card_id"])
         features = build_features_from_columns(batch.columns, histories)
         if laps is not None:
@@ -142,15 +180,19 @@ class Pipeline:
             laps.lap("predict")
         threshold = scorer.threshold
         score_list: list[float] = scores.tolist()
-        encoded = encode_verdicts(
-            batch,
-            score_list,
-            threshold=threshold,
-            model_name=scorer.name,
-            model_version=scorer.version,
-            scored_at=time.time_ns() // 1_000_000 if scored_at is None else scored_at,
+        encoded = (
+            encode_verdicts(
+                batch,
+                score_list,
+                threshold=threshold,
+                model_name=scorer.name,
+                model_version=scorer.version,
+                scored_at=time.time_ns() // 1_000_000 if scored_at is None else scored_at,
+            )
+            if encode
+            else [b""] * len(score_list)
         )
-        verdicts: list[bytes | None] = [None] * len(values)
+        verdicts: list[bytes | None] = [None] * count
         errors: dict[int, RecordError] = dict(batch.errors)
         flagged = 0
         for index, score, value in zip(batch.indexes, score_list, encoded, strict=True):

@@ -24,6 +24,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from itertools import repeat
 from typing import Any, Final
 
 import fastavro
@@ -433,6 +434,39 @@ def decode_and_validate(
         indexes.append(index)
         rows.append(row)
     return validated_batch(indexes, rows, errors, keys, lap=lap)
+
+
+def validate_columns(
+    columns: Mapping[str, Sequence[Any]], *, wire: bool = True
+) -> TransactionBatch:
+    """Validate records held by field, as `decode_and_validate` validates decoded values.
+
+    For records that come from somewhere other than Avro bytes (a file's rows): `columns` maps
+    every name of `TRANSACTION_FIELDS` to one value per record, each of the type
+    `decode_transaction` gives (str, int, float, bool, None). Record i's key is its card_id.
+    The good records and the errors come back as from `decode_and_validate` (indexes are
+    positions in the columns); the rules and the reasons are the same, as the same code checks
+    them (`validated_batch`). With `wire` false the batch lacks what `encode_verdicts` needs (a
+    caller that does not encode verdicts saves building it). Raises `ValueError` if a column is
+    missing or the columns differ in length.
+    """
+    missing = [name for name in TRANSACTION_FIELDS if name not in columns]
+    if missing:
+        raise ValueError(f"missing columns: {', '.join(missing)}")
+    fields = [columns[name] for name in TRANSACTION_FIELDS]
+    count = len(fields[0])
+    if any(len(values) != count for values in fields):
+        raise ValueError("columns differ in length")
+    card_ids = columns["card_id"]
+    rows: list[Row]
+    if wire:
+        # The verdict's wire pieces, as `_read_transaction` cuts them out of an encoded value.
+        ids = map(bytes.__add__, map(_string, columns["transaction_id"]), map(_string, card_ids))
+        rows = list(zip(*fields, ids, map(_long, columns["event_time"]), strict=True))
+    else:
+        rows = list(zip(*fields, repeat(b"", count), repeat(b"", count), strict=True))
+    keys: list[bytes | None] = [card_id.encode() for card_id in card_ids]
+    return validated_batch(list(range(count)), rows, [], keys)
 
 
 def unreadable(value: bytes | None, max_bytes: int) -> DecodeError:

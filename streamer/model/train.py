@@ -15,6 +15,16 @@ running for a week would. Training keeps day 0, when every card's history starts
 the first day or two out as a warm-up did not raise validation average precision when tried, and
 a scorer starts with empty histories too.
 
+`train_from_file` trains on a labelled history instead (`streamer train --data`): a Parquet,
+CSV or Avro file with the fields of `schemas/transaction.avsc` and a 0/1 label column, read and
+validated row by row with the stream's rules (`streamer.files`), its features built in
+event-time order by the stream's code. Spanning at least `MIN_TRAINING_DAYS` UTC days, it is
+split by whole UTC days as above, day 0 being the UTC day of its first event; a shorter history
+is split by time fractions: in event-time order, the first `FRACTION_SPLIT[0]` of the rows
+train, up to `FRACTION_SPLIT[1]` validate, the rest test, each cut moved back to the first row
+of its millisecond so that no millisecond is split. The card records the file's sha256, rows,
+fraud rate, time range and the split boundaries.
+
 Design choices are compared on validation; the test split is scored once, at the end. One
 comparison is made on every run and recorded on the card: the same estimator fit on the same
 rows with the history features left out (`features.FEATURE_ORDER` minus
@@ -23,6 +33,7 @@ rows with the history features left out (`features.FEATURE_ORDER` minus
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,12 +54,14 @@ from sklearn.metrics import (
 )
 from threadpoolctl import threadpool_limits
 
+from streamer.errors import DataFileError
 from streamer.features import (
     CATEGORICAL_FEATURES,
     FEATURE_ORDER,
     HISTORY_FEATURES,
     build_features,
 )
+from streamer.files import Progress, build_file_features, load_rows
 from streamer.model.artifact import ARTIFACT_FORMAT, ModelCard, save_model
 from streamer.synthetic import DEFAULT_EVENTS_PER_DAY, LabelledTransaction, SyntheticWorld
 
@@ -106,6 +119,18 @@ _GENERATION_HEADROOM: Final = 2
 log = structlog.get_logger(__name__)
 
 
+MIN_DATA_ROWS: Final = 1_000
+"""`train_from_file`: fewer valid rows than this is refused (the splits would be too thin)."""
+
+MIN_TRAINING_FRAUDS: Final = 10
+"""`train_from_file`: frauds the training split needs at least (early stopping holds out 10%
+of them); the validation and test splits need at least one fraud and one legitimate row."""
+
+FRACTION_SPLIT: Final = (0.6, 0.8)
+"""`train_from_file` on fewer than `MIN_TRAINING_DAYS` days: where validation and test start,
+as fractions of the rows in event-time order."""
+
+
 @dataclass(frozen=True, slots=True)
 class DaySplit:
     """One split of the data: the whole days first_day..last_day (inclusive), as its `rows`."""
@@ -114,6 +139,17 @@ class DaySplit:
     first_day: int
     last_day: int
     rows: slice
+
+
+@dataclass(frozen=True, slots=True)
+class TimeSplit:
+    """One split of the data by a time fraction: the rows `rows` in event-time order."""
+
+    name: str
+    rows: slice
+
+
+Split = DaySplit | TimeSplit
 
 
 def train_model(
@@ -161,8 +197,144 @@ def train_model(
     for split in splits:
         if not labels[split.rows].any():
             raise ValueError(f"the {split.name} split holds no fraud; use a larger size")
-    train, validation, test = (split.rows for split in splits)
+    data = {
+        "data": "streamer.synthetic.SyntheticWorld",
+        "seed": seed,
+        "size": size,
+        "days": days,
+        "events_per_day": size / days,
+        "cards": world.n_cards,
+    }
+    rule = (
+        f"by whole UTC days of event time, day d = [start + d days, start + d + 1 days)"
+        f" from start {_iso(world.start_ms)}: test the last {TEST_DAYS} days,"
+        f" validation the {VALIDATION_DAYS} before, train every earlier day"
+    )
+    return _fit_and_save(
+        model_path,
+        features,
+        labels,
+        event_times,
+        splits,
+        data,
+        rule,
+        _day_boundaries(splits, world.start_ms),
+        started,
+    )
 
+
+def train_from_file(
+    model_path: Path, data_path: Path, *, label_column: str = "is_fraud"
+) -> ModelCard:
+    """Train on the labelled history in `data_path` (see the module docstring); save and return.
+
+    Raises `DataFileError` naming the row, column and problem for a bad row, and for a file
+    that cannot train a model (a missing column, no fraud at all, fewer rows than the splits
+    need); nothing is written then.
+    """
+    started = time.perf_counter()
+    log.info("training_started", data=str(data_path), label_column=label_column)
+    rows = load_rows(data_path, label_column=label_column)
+    if len(rows) < MIN_DATA_ROWS:
+        raise DataFileError(
+            f"{data_path}: {len(rows):,} rows; training needs at least {MIN_DATA_ROWS:,}"
+        )
+    with data_path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    built = build_file_features(rows, progress=Progress("features", len(rows)))
+    assert rows.labels is not None  # asked for with label_column
+    labels = rows.labels[built.order]
+    event_times = built.event_times
+    frauds = int(labels.sum())
+    if frauds == 0:
+        raise DataFileError(f"{data_path}: no row has {label_column} = 1; training needs frauds")
+    if frauds == len(labels):
+        raise DataFileError(f"{data_path}: every row has {label_column} = 1")
+    first_day = int(event_times[0]) // _MS_PER_DAY
+    days = int(event_times[-1]) // _MS_PER_DAY - first_day + 1
+    splits: tuple[Split, ...]
+    if days >= MIN_TRAINING_DAYS:
+        start_ms = first_day * _MS_PER_DAY
+        splits = split_by_day(event_times, start_ms, days)
+        boundaries = _day_boundaries(splits, start_ms)
+        rule = (
+            f"by whole UTC days of event time, day 0 the UTC day of the first event"
+            f" ({_iso(start_ms)}): test the last {TEST_DAYS} days, validation the"
+            f" {VALIDATION_DAYS} before, train every earlier day"
+        )
+    else:
+        splits = split_by_fraction(event_times)
+        boundaries = {
+            split.name: _iso(int(event_times[split.rows.start]))
+            for split in splits[1:]
+            if split.rows.start < len(event_times)
+        }
+        rule = (
+            f"by time fractions ({days} UTC days of data, fewer than {MIN_TRAINING_DAYS}): in"
+            f" event-time order the first {FRACTION_SPLIT[0]:.0%} of rows train, up to"
+            f" {FRACTION_SPLIT[1]:.0%} validate, the rest test; no millisecond is split"
+        )
+    for split in splits:
+        split_labels = labels[split.rows]
+        split_frauds = int(split_labels.sum())
+        needed = MIN_TRAINING_FRAUDS if split.name == "train" else 1
+        if split_frauds < needed or split_frauds == len(split_labels):
+            raise DataFileError(
+                f"{data_path}: the {split.name} split ({rule}) holds {len(split_labels):,} rows"
+                f" of which {split_frauds:,} frauds; it needs at least {needed} fraud"
+                f"{'s' if needed > 1 else ''} and a legitimate row: fewer rows than the splits"
+                " need"
+            )
+    data = {
+        "data": str(data_path),
+        "sha256": digest,
+        "label_column": label_column,
+        "rows": len(labels),
+        "days": days,
+    }
+    return _fit_and_save(
+        model_path, built.features, labels, event_times, splits, data, rule, boundaries, started
+    )
+
+
+def split_by_fraction(event_times: np.ndarray) -> tuple[TimeSplit, ...]:
+    """Train, validation and test by `FRACTION_SPLIT` of the rows (non-decreasing times).
+
+    A cut that falls inside a millisecond moves back to that millisecond's first row.
+    """
+    count = len(event_times)
+    cuts = [int(count * fraction) for fraction in FRACTION_SPLIT]
+    validation_row, test_row = (
+        int(np.searchsorted(event_times, event_times[cut], side="left")) if cut < count else count
+        for cut in cuts
+    )
+    return (
+        TimeSplit("train", slice(0, validation_row)),
+        TimeSplit("validation", slice(validation_row, test_row)),
+        TimeSplit("test", slice(test_row, count)),
+    )
+
+
+def _day_boundaries(splits: tuple[DaySplit, ...], start_ms: int) -> dict[str, str]:
+    """When validation and test start: the UTC midnight of their first day."""
+    return {split.name: _iso(start_ms + split.first_day * _MS_PER_DAY) for split in splits[1:]}
+
+
+def _fit_and_save(
+    model_path: Path,
+    features: np.ndarray,
+    labels: np.ndarray,
+    event_times: np.ndarray,
+    splits: tuple[Split, ...],
+    data: dict[str, Any],
+    rule: str,
+    boundaries: dict[str, str],
+    started: float,
+) -> ModelCard:
+    """Fit on the train split, choose the threshold on validation, evaluate on test, save."""
+    count = len(labels)
+    train, validation, test = (split.rows for split in splits)
+    log.info("model_fitting", rows=train.stop - train.start, features=len(FEATURE_ORDER))
     fit_started = time.perf_counter()
     estimator, stopped_at = _fit(features[train], labels[train])
     fit_seconds = time.perf_counter() - fit_started
@@ -184,6 +356,7 @@ def train_model(
     # The same fit without the card's history: what the history features add, on the same rows.
     plain_features = [name for name in FEATURE_ORDER if name not in HISTORY_FEATURES]
     plain = [FEATURE_ORDER.index(name) for name in plain_features]
+    log.info("model_fitting", rows=train.stop - train.start, without_history=True)
     plain_estimator, plain_stopped_at = _fit(features[train][:, plain], labels[train])
     for split_name, rows in (("validation_", validation), ("", test)):
         scores = plain_estimator.predict_proba(features[rows][:, plain])[:, 1]
@@ -210,26 +383,22 @@ def train_model(
         threshold=threshold,
         metrics=metrics,
         training={
-            "data": "streamer.synthetic.SyntheticWorld",
-            "seed": seed,
-            "size": size,
-            "days": days,
-            "events_per_day": size / days,
-            "cards": world.n_cards,
+            **data,
             "events": count,
             "fraud_rate": float(labels.mean()),
             "time_range": {
                 "first_event": _iso(int(event_times[0])),
                 "last_event": _iso(int(event_times[-1])),
             },
-            "split": (
-                f"by whole UTC days of event time, day d = [start + d days, start + d + 1 days)"
-                f" from start {_iso(world.start_ms)}: test the last {TEST_DAYS} days,"
-                f" validation the {VALIDATION_DAYS} before, train every earlier day"
-            ),
+            "split": rule,
+            "split_boundaries": {f"{name}_from": moment for name, moment in boundaries.items()},
             "splits": {
                 split.name: {
-                    "days": [split.first_day, split.last_day],
+                    **(
+                        {"days": [split.first_day, split.last_day]}
+                        if isinstance(split, DaySplit)
+                        else {}
+                    ),
                     "first_event": _iso(int(event_times[split.rows][0])),
                     "last_event": _iso(int(event_times[split.rows][-1])),
                     "size": split.rows.stop - split.rows.start,

@@ -94,7 +94,7 @@ def _link(distribution: importlib.metadata.Distribution, site_packages: Path) ->
 
 
 def test_wheel_installs_and_trains_from_a_fresh_venv(tmp_path: Path) -> None:
-    """Build the wheel, install it into a new venv, run `streamer train` outside the tree."""
+    """Build the wheel, install it into a new venv, run `streamer train` and `score` outside."""
     wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -152,3 +152,18 @@ def test_wheel_installs_and_trains_from_a_fresh_venv(tmp_path: Path) -> None:
     run("train", "--size", "20000")
     assert (run_dir / "models" / "fraud-model.skops").is_file()
     assert (run_dir / "models" / "fraud-model.card.json").is_file()
+
+    # Batch scoring from the installed package: a CSV of synthetic events in, verdicts out.
+    write_csv = (
+        "import csv\n"
+        "from streamer.synthetic import SyntheticWorld\n"
+        "items = list(SyntheticWorld(3).generate(500))\n"
+        "with open('events.csv', 'w', newline='') as out:\n"
+        "    writer = csv.DictWriter(out, fieldnames=list(items[0].record))\n"
+        "    writer.writeheader()\n"
+        "    writer.writerows(item.record for item in items)\n"
+    )
+    subprocess.run([python, "-c", write_csv], cwd=run_dir, env=env, check=True, timeout=120)
+    scored = run("score", "--input", "events.csv", "--output", "verdicts.csv")
+    assert "scored 500 of 500 rows" in scored.stdout
+    assert len((run_dir / "verdicts.csv").read_text().splitlines()) == 501

@@ -35,6 +35,7 @@ from streamer.tools.bench.harness import (
 )
 from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
+    FILE_SCORER,
     MB,
     PASSTHROUGH,
     SCORER,
@@ -80,6 +81,7 @@ def make_report(
     exactly_once: bool = True,
     stateless: float = 75_000.0,
     restore_rate: float = 250_000.0,
+    file_rate: float = 70_000.0,
     no_metrics: float = 61_000.0,
 ) -> Report:
     """A report of a run that took 10 s per throughput run and measured every target."""
@@ -101,6 +103,7 @@ def make_report(
         Throughput(
             SCORER, "at-least-once", 1, int(stateless * 10), 10.0, rss - 30, 11.0, card_state=False
         ),
+        Throughput(FILE_SCORER, "-", 1, int(file_rate * 10), 10.0, 900.0, 11.0),
         Throughput(
             SCORER, "at-least-once", 1, int(no_metrics * 10), 10.0, rss - 5, 11.0, metrics=False
         ),
@@ -136,6 +139,7 @@ TARGET_NAMES = [
     "stateful / stateless throughput",
     "state restore rate",
     "stateful scorer p99 at 5,000/s",
+    "file scoring throughput",
     "metrics on / off throughput",
 ]
 
@@ -237,6 +241,12 @@ class TestEvaluateTargets:
 
     def test_exactly_once_not_available_leaves_targets_alone(self) -> None:
         assert statuses(make_report(exactly_once=False)) == ["pass"] * len(TARGET_NAMES)
+
+    def test_file_scoring_slower_than_the_stateful_stream_fails(self) -> None:
+        """`streamer score` is held to the stateful scorer's events/s, not the pass-through's."""
+        assert target(make_report(file_rate=59_000.0), "file scoring throughput").status == "FAIL"
+        passed = target(make_report(file_rate=61_000.0), "file scoring throughput")
+        assert (passed.status, passed.measured) == ("pass", "1.02 x")
 
     def test_nothing_measured(self) -> None:
         report = make_report()
@@ -476,8 +486,10 @@ class TestReportJson:
     def test_state_figures(self) -> None:
         """Card state and derived rates are in the JSON, each run saying whether it kept state."""
         data = report_to_json(make_report())
-        assert [run["card_state"] for run in data["throughput"]] == [True] * 4 + [False, True]
-        assert [run["metrics"] for run in data["throughput"]][1:] == [True] * 4 + [False]
+        assert [run["card_state"] for run in data["throughput"]] == [True] * 4 + [False] + [
+            True
+        ] * 2
+        assert [run["metrics"] for run in data["throughput"]][1:] == [True] * 5 + [False]
         assert data["restore"]["records_per_second"] == pytest.approx(250_000.0)
         memory = data["state_memory"]
         assert memory["cards"] == 1_000_000

@@ -46,6 +46,11 @@ How each number is taken, and why:
   reads the output topic; an output is joined to its send by the
   `streamer.source.partition`/`.offset` headers both processors copy. Latency = output read -
   send.
+- **File scoring.** The preloaded events (the same seed, so the same events) written to a Parquet
+  file and scored by `streamer score` in a process of its own, as users run it; events/s is rows
+  / the seconds of its "file scored" log line, from reading the file to the verdicts written
+  (start-up and loading the model left out, as the stream's window leaves them out). Shown in
+  the throughput table; its target is the stateful scorer's events/s.
 - **Breakdown.** `breakdown.time_hot_loop` in this process, the median of `BREAKDOWN_PASSES`
   passes by CPU total, on a quiet machine (no processor running yet), with the garbage collector
   set as `streamer run` sets it. The card state starts from `BREAKDOWN_HISTORY_DAYS` of the
@@ -110,6 +115,7 @@ from streamer.tools.bench.instruments import (
     read_outputs,
 )
 from streamer.tools.bench.report import (
+    FILE_SCORER,
     PASSTHROUGH,
     SCORER,
     HeldState,
@@ -532,6 +538,66 @@ class Bench:
             f"{started[0].log_tail()}"
         )
 
+    def file_score(self) -> Throughput:
+        """`streamer score` over a Parquet file of the preloaded events, in a process of its own."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from streamer.serde import TRANSACTION_FIELDS
+
+        options = self.options
+        folder = self.out_dir / "file-score"
+        folder.mkdir(parents=True, exist_ok=True)
+        data, output = folder / "events.parquet", folder / "verdicts.parquet"
+        columns: dict[str, list[Any]] = {name: [] for name in TRANSACTION_FIELDS}
+        for item in SyntheticWorld(options.seed).generate(options.events):
+            for name in TRANSACTION_FIELDS:
+                columns[name].append(item.record[name])
+        pq.write_table(pa.table(columns), data)
+        del columns
+        log(f"file score: {options.events:,} rows")
+        command = [
+            sys.executable,
+            "-m",
+            "streamer",
+            "score",
+            "--input",
+            str(data),
+            "--output",
+            str(output),
+            "--model-path",
+            str(self.model_path),
+            "--log-format",
+            "json",
+        ]
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        process = ChildProcess("file-score", command, dict(os.environ), logs / "file-score.log")
+        self.processes.append(process)
+        status = process.wait(START_TIMEOUT + options.events / 1_000)
+        if status != 0:
+            raise failed(process, status)
+        (line,) = process.logged("file scored")
+        if line["scored"] != options.events:
+            raise BenchError(f"file score: {line['scored']} of {options.events} rows scored")
+        data.unlink()
+        output.unlink()
+        folder.rmdir()
+        result = Throughput(
+            FILE_SCORER,
+            "-",
+            1,
+            events=int(line["scored"]),
+            seconds=float(line["seconds"]),
+            peak_rss_mb=process.peak_rss_mb,
+            cpu_seconds=process.cpu_seconds or math.nan,
+        )
+        log(
+            f"file score: {result.events_per_second:,.0f} events/s, "
+            f"peak RSS {result.peak_rss_mb:.0f} MB"
+        )
+        return result
+
     def restore(self, drain: _Drain, source: str) -> Restore:
         """One more scorer in the group of a finished stateful drain, timed restoring its state.
 
@@ -762,6 +828,8 @@ class Bench:
                         if run == (SCORER, "at-least-once", 1, True, True):
                             stateful_drains.append(drain)
             report.throughput = [median_run(done) for done in repeats.values()]
+            with timed(phases, "file score"):
+                report.throughput.append(self.file_score())
             with timed(phases, "restore"):
                 source = f"{options.events:,}-event drain"
                 report.restore = median_restore(

@@ -44,6 +44,9 @@ MAX_STATEFUL_P99_EXCESS_MS: Final = 10.0
 MIN_METRICS_RATIO: Final = 0.95
 """The scorer serving metrics reaches at least this share of its throughput without them."""
 """The stateful scorer's p99 at `LATENCY_RATE` may exceed the pass-through's by this many ms."""
+MIN_FILE_SCORE_RATIO: Final = 1.0
+"""`streamer score` over a file of the preloaded events reaches at least the stateful scorer's
+events/s (at-least-once, one process)."""
 MB: Final = 1024 * 1024
 
 SLOW_SENDER: Final = 0.95
@@ -51,6 +54,7 @@ SLOW_SENDER: Final = 0.95
 
 PASSTHROUGH: Final = "pass-through"
 SCORER: Final = "scorer"
+FILE_SCORER: Final = "streamer score, file"
 
 Status = Literal["pass", "FAIL", "n/a"]
 
@@ -365,6 +369,15 @@ def evaluate_targets(report: Report) -> list[Target]:
             report, f"stateful scorer p99 at {LATENCY_RATE:,.0f}/s", MAX_STATEFUL_P99_EXCESS_MS
         )
     )
+
+    goal = f">= {MIN_FILE_SCORE_RATIO:.2f} x stateful scorer"
+    name = "file scoring throughput"
+    file_run = _find_throughput(runs, FILE_SCORER, "-", 1)
+    if one is None or file_run is None or not (one.events_per_second > 0):
+        targets.append(Target(name, goal, "not measured", "n/a"))
+    else:
+        ratio = file_run.events_per_second / one.events_per_second
+        targets.append(Target(name, goal, f"{ratio:.2f} x", _judge(ratio >= MIN_FILE_SCORE_RATIO)))
 
     goal = f">= {MIN_METRICS_RATIO:.2f} x without metrics"
     name = "metrics on / off throughput"
