@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         metavar="PATH",
-        help="labelled CSV of transactions: the threshold maximising F1 on it (unless"
-        " --threshold is given) and the card's metrics",
+        help="labelled transactions (.parquet, .csv or .avro): the threshold maximising F1 on"
+        " it (unless --threshold is given) and the card's metrics",
     )
     model_import.add_argument(
         "--label-column", default="is_fraud", help="label column of --data (default is_fraud)"

@@ -31,21 +31,20 @@ the scorer predicts small batches on one thread (a forest fitted with n_jobs=-1 
 thread pool per batch).
 
 The threshold is `threshold`, or with a labelled `data` file the one that maximises F1 on it (the
-rule of `streamer train`), whose metrics then go on the card. `data` is a CSV file of
-`schemas/transaction.avsc` fields plus a 0/1 label column; its features are built in event-time
-order, each row seeing only the rows before it, as in training. It should be data the model was
+rule of `streamer train`), whose metrics then go on the card. `data` is a Parquet, CSV or Avro
+file of `schemas/transaction.avsc` fields plus a 0/1 label column, read and checked as `streamer
+train --data` reads it (`streamer.files`); its features are built in event-time order, each row
+seeing only the rows before it, as in training. It should be data the model was
 not fitted on, or the metrics flatter it.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import math
 import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,9 +58,9 @@ from sklearn.exceptions import InconsistentVersionWarning
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from streamer.errors import ConfigError, ModelRefusedError, ValidationError
-from streamer.events import Transaction, validate_transaction
+from streamer.errors import ConfigError, DataFileError, ModelRefusedError
 from streamer.features import CATEGORICAL_FEATURES, FEATURE_ORDER, build_features
+from streamer.files import build_file_features, load_rows
 from streamer.model.artifact import (
     ARTIFACT_FORMAT,
     SUPPORTED_MODELS,
@@ -147,7 +146,7 @@ def import_model(
         )
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ConfigError(f"--threshold must be between 0 and 1, got {threshold!r}")
-    labelled = None if data is None else read_labelled_csv(data, label_column)
+    labelled = None if data is None else read_labelled(data, label_column)
 
     raw = _read_source(source)
     # Predict on one thread, as the scorer does: on a busy machine OpenMP's thread team costs
@@ -253,111 +252,43 @@ def _save_verified(estimator: Any, card: ModelCard, model_path: Path) -> ModelCa
     return saved
 
 
-def read_labelled_csv(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> LabelledFeatures:
-    """The features and labels of a labelled CSV file of transactions, in event-time order.
+def read_labelled(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> LabelledFeatures:
+    """The features and labels of a labelled file of transactions, in event-time order.
 
-    Columns: the fields of `schemas/transaction.avsc` (`card_country` and `card_avg_amount` may
-    be empty or absent) plus `label_column` (0/1 or true/false); others are ignored. `event_time`
-    is epoch milliseconds or ISO 8601 (UTC unless it has an offset). Every row is validated with
-    the stream's rules (`events.validate_transaction`). Raises `ConfigError` naming the line,
-    column and problem for the first bad row, or when the file holds no fraud or no legitimate
-    transaction.
+    Parquet, CSV or Avro, read and checked as `streamer train --data` reads it (`files`): the
+    fields of `schemas/transaction.avsc` plus `label_column`, every row validated with the
+    stream's rules, history features built by the stream's code. Raises `DataFileError` naming
+    the rows, columns and problems, or when the file holds no fraud or no legitimate row.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read --data {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--data {path} is not UTF-8 text: {exc}") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    required = [f for f, info in Transaction.model_fields.items() if info.is_required()]
-    missing = [column for column in [*required, label_column] if column not in header]
-    if missing:
-        raise ConfigError(f"--data {path}: missing column(s) {missing} (header: {header})")
-
-    records: list[dict[str, Any]] = []
-    labels: list[bool] = []
-    for row in reader:
-        line = reader.line_num
-        try:
-            record = _parse_row(row)
-            validate_transaction(record, record["card_id"].encode())
-            labels.append(_parse_bool(row[label_column], label_column))
-        except (ValueError, ValidationError) as exc:
-            raise ConfigError(f"--data {path}, line {line}: {exc}") from None
-        records.append(record)
-    label_array = np.array(labels, dtype=bool)
-    frauds = int(label_array.sum())
-    if frauds == 0 or frauds == len(label_array):
-        raise ConfigError(
-            f"--data {path}: {len(label_array)} rows, {frauds} labelled fraud in"
-            f" {label_column!r}: choosing a threshold needs both frauds and legitimate rows"
+    rows = load_rows(path, label_column=label_column)
+    with path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    built = build_file_features(rows)
+    assert rows.labels is not None  # asked for with label_column
+    labels = rows.labels[built.order]
+    frauds = int(labels.sum())
+    if frauds == 0 or frauds == len(labels):
+        raise DataFileError(
+            f"{path}: {len(labels)} rows, {frauds} labelled fraud in {label_column!r}: choosing"
+            " a threshold needs both frauds and legitimate rows"
         )
-    # History features are point in time: build them in event-time order (stable for ties).
-    order = sorted(range(len(records)), key=lambda i: records[i]["event_time"])
-    records = [records[i] for i in order]
-    label_array = label_array[order]
-    times = [record["event_time"] for record in records]
+    times = built.event_times
     return LabelledFeatures(
-        features=build_features(records),
-        labels=label_array,
+        features=built.features,
+        labels=labels,
         summary={
             "path": str(path),
-            "sha256": hashlib.sha256(raw).hexdigest(),
-            "rows": len(records),
+            "sha256": digest,
+            "rows": len(labels),
             "frauds": frauds,
-            "fraud_rate": frauds / len(records),
+            "fraud_rate": frauds / len(labels),
             "label_column": label_column,
-            "time_range": {"first_event": _iso(times[0]), "last_event": _iso(times[-1])},
+            "time_range": {
+                "first_event": _iso(int(times[0])),
+                "last_event": _iso(int(times[-1])),
+            },
         },
     )
-
-
-def _parse_row(row: Mapping[str, str | None]) -> dict[str, Any]:
-    """One CSV row as the record the Avro decoder would give (typed, None for empty optionals)."""
-    record: dict[str, Any] = {}
-    for field in Transaction.model_fields:
-        text = (row.get(field) or "").strip()
-        if field in ("card_country", "card_avg_amount") and not text:
-            record[field] = None
-        elif field == "event_time":
-            record[field] = _parse_millis(text)
-        elif field in ("amount", "card_avg_amount"):
-            try:
-                record[field] = float(text)
-            except ValueError:
-                raise ValueError(f"{field}: not a number ({text!r})") from None
-        elif field == "card_present":
-            record[field] = _parse_bool(text, field)
-        else:
-            record[field] = text
-    return record
-
-
-def _parse_millis(text: str) -> int:
-    if text.isascii() and text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"event_time: not epoch milliseconds or an ISO 8601 time ({text!r})"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1000)
-
-
-def _parse_bool(text: str | None, column: str) -> bool:
-    value = (text or "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{column}: expected 0/1 or true/false, got {text!r}")
 
 
 def _iso(millis: int) -> str:

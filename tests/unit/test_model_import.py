@@ -33,7 +33,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from threadpoolctl import threadpool_limits
 
 from streamer.cli import EXIT_MODEL_REFUSED, EXIT_USAGE, main
-from streamer.errors import ConfigError, ModelRefusedError
+from streamer.errors import ConfigError, DataFileError, ModelRefusedError
 from streamer.features import FEATURE_ORDER, build_features
 from streamer.model.artifact import (
     CLASSIFIER_TYPES,
@@ -41,7 +41,7 @@ from streamer.model.artifact import (
     card_path_for,
     load_model,
 )
-from streamer.model.importer import SAMPLE_SIZE, import_model, read_labelled_csv
+from streamer.model.importer import SAMPLE_SIZE, import_model, read_labelled
 from streamer.model.scorer import Scorer
 from streamer.model.train import _max_f1_threshold
 from streamer.pipeline import Histories, Pipeline
@@ -469,7 +469,7 @@ class TestImportWithData:
         shuffled = random.Random(1).sample(kept, len(kept))
         data = _write_csv(tmp_path / "s.csv", [records[i] for i in shuffled], labels[shuffled])
 
-        read = read_labelled_csv(data)
+        read = read_labelled(data)
 
         np.testing.assert_array_equal(read.features, build_features([records[i] for i in kept]))
         np.testing.assert_array_equal(read.labels, labels[kept].astype(bool))
@@ -485,15 +485,16 @@ class TestImportWithData:
         assert card.threshold == 0.25
         assert "roc_auc" in card.metrics
 
-    def test_bad_row_names_line_and_column(self, labelled: Labelled, tmp_path: Path) -> None:
-        """An invalid value stops the import with the line and the field."""
+    def test_bad_row_names_row_and_column(self, labelled: Labelled, tmp_path: Path) -> None:
+        """An invalid value stops the import with the data row (counted from 1, as `streamer
+        train --data` names it) and the field."""
         records, _, labels = labelled
         bad = [dict(r) for r in records[:50]]
         bad[9]["currency"] = "XXX"
         data = _write_csv(tmp_path / "bad.csv", bad, labels[:50])
 
-        with pytest.raises(ConfigError, match=r"line 11: currency: unknown ISO 4217"):
-            read_labelled_csv(data)
+        with pytest.raises(DataFileError, match=r"row 10 \(validate\): currency: unknown ISO 4217"):
+            read_labelled(data)
 
     def test_label_not_zero_one(self, labelled: Labelled, tmp_path: Path) -> None:
         """A label other than 0/1 names the label column."""
@@ -501,8 +502,8 @@ class TestImportWithData:
         data = _write_csv(tmp_path / "bad.csv", records[:20], labels[:20])
         data.write_text(data.read_text().replace(",0\n", ",maybe\n", 1))
 
-        with pytest.raises(ConfigError, match="is_fraud: expected 0/1"):
-            read_labelled_csv(data)
+        with pytest.raises(DataFileError, match="is_fraud: the label must be 0 or 1"):
+            read_labelled(data)
 
     def test_missing_column(self, labelled: Labelled, tmp_path: Path) -> None:
         """A file without a required field names it."""
@@ -513,16 +514,16 @@ class TestImportWithData:
             labels[:5],
         )
 
-        with pytest.raises(ConfigError, match=r"missing column\(s\) \['amount'\]"):
-            read_labelled_csv(data)
+        with pytest.raises(DataFileError, match="missing column amount"):
+            read_labelled(data)
 
     def test_no_fraud(self, labelled: Labelled, tmp_path: Path) -> None:
         """A file without fraud cannot choose a threshold."""
         records, _, _ = labelled
         data = _write_csv(tmp_path / "legit.csv", records[:20], np.zeros(20, dtype=int))
 
-        with pytest.raises(ConfigError, match="needs both frauds and legitimate rows"):
-            read_labelled_csv(data)
+        with pytest.raises(DataFileError, match="needs both frauds and legitimate rows"):
+            read_labelled(data)
 
 
 class TestCommand:
