@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ def compose() -> dict[str, Any]:
 
 
 def _streamer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in compose["services"].items() if s.get("build") == "."}
+    """The services that run the image built from the Dockerfile."""
+    image = compose["services"]["streamer"]["image"]
+    return {name: s for name, s in compose["services"].items() if s.get("image") == image}
 
 
 class TestCompose:
@@ -33,6 +36,16 @@ class TestCompose:
             "kafka", "topics", "train", "streamer", "prometheus", "serve", "producer"
         }  # fmt: skip
         assert compose["services"]["producer"]["profiles"] == ["producer"]
+
+    def test_builds_the_image_once(self, compose: dict[str, Any]) -> None:
+        """Only the scorer builds; topics, train and producer run its image and never pull it."""
+        builders = {name for name, s in compose["services"].items() if "build" in s}
+        assert builders == {"streamer"}
+        assert compose["services"]["streamer"]["build"] == "."
+        users = set(_streamer_services(compose)) - builders
+        assert users == {"topics", "train", "producer"}
+        for name in users:
+            assert compose["services"][name]["pull_policy"] == "never", name
 
     def test_broker_image_matches_the_local_broker_version(self, compose: dict[str, Any]) -> None:
         """The compose broker runs the same Kafka release as scripts/kafka-local."""
@@ -95,6 +108,83 @@ class TestCompose:
         assert compose["services"]["serve"]["ports"] == [f"{port}:{port}"]
 
 
+def _instructions() -> list[tuple[str, str]]:
+    """The Dockerfile as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    lines: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        pending += " " + stripped.removesuffix("\\") if pending else stripped.removesuffix("\\")
+        if not stripped.endswith("\\"):
+            instruction, _, arguments = pending.partition(" ")
+            lines.append((instruction.upper(), " ".join(arguments.split())))
+            pending = ""
+    return lines
+
+
+def _copy_sources() -> list[tuple[int, list[str]]]:
+    """For each COPY from the build context: its index among the instructions and its sources."""
+    copies = []
+    for index, (instruction, arguments) in enumerate(_instructions()):
+        if instruction != "COPY":
+            continue
+        words = arguments.split()
+        assert not any(w.startswith("--from") for w in words), "COPY --from is not checked here"
+        paths = [w for w in words if not w.startswith("--")]
+        copies.append((index, paths[:-1]))
+    return copies
+
+
+def _dockerignore_patterns() -> list[str]:
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            assert not line.startswith("!"), "exceptions (!) are not modelled by this test"
+            patterns.append(line.strip("/"))
+    return patterns
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern (Go filepath.Match plus `**`) as a regular expression."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out.append(pattern[i : end + 1])
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _ignored(path: str) -> bool:
+    """Whether Docker leaves `path` (relative to the context) out: it or a parent matches."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    return any(
+        _pattern_regex(pattern).fullmatch(prefix)
+        for pattern in _dockerignore_patterns()
+        for prefix in prefixes
+    )
+
+
 class TestDockerfile:
     def test_entrypoint_is_the_console_script(self) -> None:
         """The image's entrypoint is `streamer`, so compose commands are its arguments."""
@@ -102,10 +192,77 @@ class TestDockerfile:
         assert 'ENTRYPOINT ["streamer"]' in dockerfile
 
     def test_copies_what_the_package_needs(self) -> None:
-        """The image gets the package and the schemas it loads at import."""
-        dockerfile = (ROOT / "Dockerfile").read_text()
-        for needed in ("schemas", "streamer", "pyproject.toml"):
-            assert re.search(rf"^COPY .*\b{needed}\b", dockerfile, re.MULTILINE), needed
+        """The image gets the lock, the package (schemas inside it) and what its build reads."""
+        copied = {source for _, sources in _copy_sources() for source in sources}
+        with (ROOT / "pyproject.toml").open("rb") as file:
+            readme = tomllib.load(file)["project"]["readme"]
+        assert copied >= {"requirements.lock", "pyproject.toml", readme, "streamer"}
+
+    def test_copies_only_existing_paths(self) -> None:
+        """Every COPY source is in the repository (a renamed file breaks the build here first)."""
+        for _, sources in _copy_sources():
+            for source in sources:
+                assert (ROOT / source).exists(), source
+
+    def test_dependencies_are_a_layer_before_the_code(self) -> None:
+        """Only the lock is copied before the dependencies install; the code comes after."""
+        instructions = _instructions()
+        install = next(
+            index
+            for index, (instruction, arguments) in enumerate(instructions)
+            if instruction == "RUN" and "pip install -r requirements.lock" in arguments
+        )
+        for index, sources in _copy_sources():
+            if index < install:
+                assert sources == ["requirements.lock"], sources
+        assert any(index > install and "streamer" in sources for index, sources in _copy_sources())
+
+    def test_package_installs_without_dependencies(self) -> None:
+        """The package step adds no unlocked dependency and fetches no build backend."""
+        package = [
+            arguments
+            for instruction, arguments in _instructions()
+            if instruction == "RUN" and "pip install" in arguments and "-r " not in arguments
+        ]
+        assert len(package) == 1, package
+        assert "--no-deps" in package[0]
+        assert "--no-build-isolation" in package[0]
+
+
+class TestDockerignore:
+    def test_keeps_everything_the_dockerfile_copies(self) -> None:
+        """No file under a COPY source, package data included, is left out of the context."""
+        for _, sources in _copy_sources():
+            for source in sources:
+                path = ROOT / source
+                files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+                for file in files:
+                    relative = file.relative_to(ROOT).as_posix()
+                    if "__pycache__" not in relative:
+                        assert not _ignored(relative), relative
+        assert any(
+            not _ignored(f"streamer/schemas/{f.name}")
+            for f in (ROOT / "streamer" / "schemas").glob("*.avsc")
+        )
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            ".git/HEAD",
+            ".venv/bin/python",
+            ".ci/run",
+            "models/fraud-model.skops",
+            "bench-results/latest.json",
+            "tests/unit/test_compose.py",
+            "streamer/__pycache__/cli.cpython-311.pyc",
+            "streamer/kafka/__pycache__/admin.cpython-311.pyc",
+            ".mypy_cache/3.11/x.json",
+            "requirements-dev.lock",
+        ],
+    )
+    def test_leaves_out_what_the_image_does_not_need(self, path: str) -> None:
+        """Environments, caches, models, results and tests stay out of the build context."""
+        assert _ignored(path)
 
 
 class TestPrometheus:
