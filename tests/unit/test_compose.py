@@ -38,12 +38,12 @@ class TestCompose:
         assert compose["services"]["producer"]["profiles"] == ["producer"]
 
     def test_builds_the_image_once(self, compose: dict[str, Any]) -> None:
-        """Only the scorer builds; topics, train and producer run its image and never pull it."""
+        """Only the scorer builds; topics, train, serve and producer run its image, never pulled."""
         builders = {name for name, s in compose["services"].items() if "build" in s}
         assert builders == {"streamer"}
         assert compose["services"]["streamer"]["build"] == "."
         users = set(_streamer_services(compose)) - builders
-        assert users == {"topics", "train", "producer"}
+        assert users == {"topics", "train", "serve", "producer"}
         for name in users:
             assert compose["services"][name]["pull_policy"] == "never", name
 

@@ -19,7 +19,10 @@ DEV_LOCK = ROOT / "requirements-dev.lock"
 DEV_EXTRAS = ("dev", "bench")
 """The extras `make venv` installs through requirements-dev.lock."""
 
-_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)$")
+_PIN = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;]+)(?:\s*;\s*(?P<marker>.+))?$"
+)
+"""`name==version`, and an environment marker when the dependency has one (`; sys_platform ...`)."""
 
 
 def read_lock(path: Path) -> dict[NormalizedName, Version]:
