@@ -61,6 +61,7 @@ from streamer.metrics import (
     ScorerMetrics,
 )
 from streamer.model.scorer import Scorer
+from streamer.model.slot import ModelSlot
 from streamer.pipeline import BatchDecoder, Histories, Pipeline, Scored
 from streamer.serde import decode_and_validate
 from streamer.settings import Settings
@@ -155,6 +156,7 @@ class ScoringApp:
         checkpoint: Checkpoint,
         state: CardState,
         metrics: ScorerMetrics | None = None,
+        slot: ModelSlot | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -186,6 +188,9 @@ class ScoringApp:
         self._assigned: list[tuple[str, int]] = []
         self._turned_at = time.monotonic()
         """When the loop last turned (for `/livez`)."""
+        self._slot = slot
+        """Watches the model files; its new scorer goes into the pipeline between batches."""
+        self._swap_between_transactions = isinstance(checkpoint, ExactlyOnce)
 
     @classmethod
     def create(
@@ -233,8 +238,17 @@ class ScoringApp:
         else:
             producer = OutputProducer(settings.producer_config())
             checkpoint = AtLeastOnce(consumer, producer, changelogs, settings.commit_interval)
+        slot = ModelSlot(scorer, settings.model_path, threshold=settings.threshold)
         return cls(
-            settings, pipeline, consumer, consumer_errors, producer, checkpoint, state, metrics
+            settings,
+            pipeline,
+            consumer,
+            consumer_errors,
+            producer,
+            checkpoint,
+            state,
+            metrics,
+            slot,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -251,6 +265,10 @@ class ScoringApp:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        slot = self._slot
+        sighup = getattr(signal, "SIGHUP", None)
+        if slot is not None and sighup is not None:
+            signal.signal(sighup, lambda _signum, _frame: slot.request_check())
 
     @property
     def ready(self) -> bool:
@@ -352,6 +370,8 @@ class ScoringApp:
                 else:
                     self._maintain_timed(metrics)
                 self._raise_pending()
+                if self._slot is not None:
+                    self._reload(self._slot)
                 now = self._turned_at = time.monotonic()
                 if metrics is not None and now >= next_state:
                     self._observe_state(metrics)
@@ -369,6 +389,25 @@ class ScoringApp:
             log.info("stop requested", signal=self._stop_signal)
         self._shutdown(clean=True)
         return self.counters
+
+    def _reload(self, slot: ModelSlot) -> None:
+        """Look after the model slot; swap its new scorer in if one is ready.
+
+        Called between batches. Under exactly-once only while no transaction is open (right
+        after a commit or an abort, before the next batch begins one): a transaction's verdicts
+        all come from one model, so a partition switches models at one offset, also when an
+        aborted transaction is read again.
+        """
+        refused = slot.refused
+        slot.maintain()
+        metrics = self._metrics
+        if metrics is not None and slot.refused != refused:
+            metrics.model_reload_failures.inc(slot.refused - refused)
+        if not slot.ready or (self._swap_between_transactions and self._checkpoint.pending):
+            return
+        self._pipeline.scorer = slot.swap()
+        if metrics is not None:
+            metrics.model_reloads.inc()
 
     def _maintain_timed(self, metrics: ScorerMetrics) -> None:
         """`checkpoint.maintain`, timed as the `commit` stage when it commits or aborts."""
@@ -419,6 +458,8 @@ class ScoringApp:
         try:
             self._checkpoint.close(clean=clean)
         finally:
+            if self._slot is not None:
+                self._slot.close()
             if self._state.restorer is not None:
                 self._state.restorer.close()
             self._consumer.close()

@@ -384,6 +384,11 @@ class ScorerMetrics:
             "New model artefacts refused while the running model kept serving",
             registry=self.registry,
         )
+        self.model_reloads = Counter(
+            PREFIX + "model_reloads",
+            "New model artefacts verified and swapped in without a restart",
+            registry=self.registry,
+        )
         self.state_keys = Gauge(
             PREFIX + "state_keys", "Keys held in a state store", ["store"], registry=self.registry
         )
