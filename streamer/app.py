@@ -65,6 +65,7 @@ from streamer.model.slot import ModelSlot
 from streamer.pipeline import BatchDecoder, Histories, Pipeline, Scored
 from streamer.serde import decode_and_validate
 from streamer.settings import Settings
+from streamer.shadow import Shadow, ShadowBatch
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
 
@@ -157,6 +158,7 @@ class ScoringApp:
         state: CardState,
         metrics: ScorerMetrics | None = None,
         slot: ModelSlot | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -191,6 +193,11 @@ class ScoringApp:
         self._slot = slot
         """Watches the model files; its new scorer goes into the pipeline between batches."""
         self._swap_between_transactions = isinstance(checkpoint, ExactlyOnce)
+        self._shadow = shadow
+        self._shadow_topic = settings.shadow_topic
+        self.shadow_delivery_failures = 0
+        if metrics is not None:
+            metrics.shadow_active.set(shadow is not None)
 
     @classmethod
     def create(
@@ -201,6 +208,9 @@ class ScoringApp:
         Creates the card state's changelog topic if missing (`kafka.changelog.ensure_changelog`).
         With `metrics`, the consumer reports librdkafka statistics (consumer lag) to it.
         """
+        shadow = None
+        if settings.shadow_model_path is not None:
+            shadow = Shadow.load(settings.shadow_model_path)
         store_topic = changelog_topic(settings.group_id, CARD_STORE)
         changelogs: list[Changelog] = []
         state = CardState(None, None)
@@ -249,6 +259,7 @@ class ScoringApp:
             state,
             metrics,
             slot,
+            shadow,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -530,6 +541,8 @@ class ScoringApp:
         self.counters.consumed += len(consumed)
         try:
             self._publish(consumed, keys, sources, scored.verdicts, scored.errors)
+            if self._shadow is not None and self._shadow.active:
+                self._publish_shadow(self._shadow, scored, keys, sources)
         except KafkaException as exc:
             self._checkpoint.failed(str(exc))
             return
@@ -612,6 +625,58 @@ class ScoringApp:
             )
             produced += 1
         self.counters.verdicts += produced
+
+    def _publish_shadow(
+        self,
+        shadow: Shadow,
+        scored: Scored,
+        keys: list[bytes | None],
+        sources: list[Source],
+    ) -> None:
+        """Produce the challenger's verdicts of the batch to the shadow topic, after its own.
+
+        Exactly-once: inside the open transaction, with the checkpoint's callbacks (a shadow
+        verdict not delivered aborts the transaction as any output would). At-least-once: best
+        effort, not tracked (offsets do not wait for them; a failure is counted and logged once).
+        """
+        produced = shadow.score(scored)
+        if not shadow.active and self._metrics is not None:
+            self._metrics.shadow_active.set(0)
+        if produced is None:
+            return
+        shadow_keys = [keys[index] for index in produced.indexes]
+        shadow_sources = [sources[index] for index in produced.indexes]
+        if isinstance(self._checkpoint, ExactlyOnce):
+            callbacks = self._checkpoint.outputs(shadow_sources, shadow_keys, produced.verdicts)
+        else:
+            callbacks = [self._shadow_delivered] * len(shadow_sources)
+        produce = self._producer.produce
+        topic = self._shadow_topic
+        for key, value, source, on_delivery in zip(
+            shadow_keys, produced.verdicts, shadow_sources, callbacks, strict=True
+        ):
+            produce(topic, key, value, list(source_headers(*source)), on_delivery)
+        self._observe_shadow(produced)
+
+    def _observe_shadow(self, produced: ShadowBatch) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            comparison = produced.comparison
+            metrics.shadow(comparison.records, comparison.agreements, comparison.differences)
+
+    def _shadow_delivered(self, error: KafkaError | None, _message: Any) -> None:
+        if error is None:
+            return
+        self.shadow_delivery_failures += 1
+        if self._metrics is not None:
+            self._metrics.shadow_delivery_failures.inc()
+        if self.shadow_delivery_failures == 1:
+            log.warning(
+                "shadow verdicts not delivered (best effort under at-least-once; counted in"
+                " streamer_shadow_delivery_failures_total)",
+                topic=self._shadow_topic,
+                error=error.str(),
+            )
 
     def _dead_letter(
         self, message: KafkaMessage, error: RecordError, on_delivery: DeliveryCallback

@@ -20,6 +20,7 @@ from streamer.model.slot import ModelSlot
 from streamer.pipeline import BatchDecoder, Pipeline
 from streamer.serde import decode_and_validate
 from streamer.settings import Settings
+from streamer.shadow import Shadow
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
 
@@ -207,6 +208,7 @@ def app_on_fakes(
     metrics: ScorerMetrics | None = None,
     slot: ModelSlot | None = None,
     transactions: FakeTransactions | None = None,
+    shadow: Shadow | None = None,
 ) -> AppRig:
     """A scorer (at-least-once, committing at every turn) owning partitions 0-2, on fakes.
 
@@ -242,5 +244,6 @@ def app_on_fakes(
         CardState(store, None),
         metrics,
         slot,
+        shadow,
     )
     return AppRig(app, producer, consumer, store)
