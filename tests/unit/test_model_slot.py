@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -324,3 +326,23 @@ class TestThreshold:
         _turns(slot, clock, 2)
         assert not slot.ready  # same model, same threshold: nothing to swap
         assert slot.refused == 0
+
+
+def test_sighup_asks_the_slot_for_a_check(model_path: Path, tmp_path: Path) -> None:
+    loader, clock = Loader(FakeScorer("v1")), Clock()
+    slot = _slot(_pair(tmp_path), loader, clock)
+    rig = app_on_fakes(Scorer.from_path(model_path), Settings(), slot=slot)
+    handlers = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        rig.app.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)  # Python runs the handler at the next bytecode boundary
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert not rig.app._stopping
+    slot.maintain()  # before the check interval, unchanged files: loaded because asked
+    slot.close()
+    assert loader.calls == 1
