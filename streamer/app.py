@@ -62,9 +62,11 @@ from streamer.metrics import (
     ScorerMetrics,
 )
 from streamer.model.scorer import Scorer
+from streamer.model.slot import ModelSlot
 from streamer.pipeline import BatchDecoder, Histories, Pipeline, Scored
 from streamer.serde import decode_and_validate
 from streamer.settings import Settings
+from streamer.shadow import Shadow, ShadowBatch
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
 
@@ -156,6 +158,8 @@ class ScoringApp:
         checkpoint: Checkpoint,
         state: CardState,
         metrics: ScorerMetrics | None = None,
+        slot: ModelSlot | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -189,6 +193,13 @@ class ScoringApp:
         """When the loop last turned (for `/livez`)."""
         # Every broker lost: the clients retry by themselves; this notices when one answers.
         self._probe = ReachabilityProbe(consumer, [consumer_errors, producer.errors])
+        self._slot = slot
+        """Watches the model files; its new scorer goes into the pipeline between batches."""
+        self._shadow = shadow
+        self._shadow_topic = settings.shadow_topic
+        self.shadow_delivery_failures = 0
+        if metrics is not None:
+            metrics.shadow_active.set(shadow is not None)
 
     @classmethod
     def create(
@@ -199,6 +210,9 @@ class ScoringApp:
         Creates the card state's changelog topic if missing (`kafka.changelog.ensure_changelog`).
         With `metrics`, the consumer reports librdkafka statistics (consumer lag) to it.
         """
+        shadow = None
+        if settings.shadow_model_path is not None:
+            shadow = Shadow.load(settings.shadow_model_path)
         store_topic = changelog_topic(settings.group_id, CARD_STORE)
         changelogs: list[Changelog] = []
         state = CardState(None, None)
@@ -236,8 +250,18 @@ class ScoringApp:
         else:
             producer = OutputProducer(settings.producer_config())
             checkpoint = AtLeastOnce(consumer, producer, changelogs, settings.commit_interval)
+        slot = ModelSlot(scorer, settings.model_path, threshold=settings.threshold)
         return cls(
-            settings, pipeline, consumer, consumer_errors, producer, checkpoint, state, metrics
+            settings,
+            pipeline,
+            consumer,
+            consumer_errors,
+            producer,
+            checkpoint,
+            state,
+            metrics,
+            slot,
+            shadow,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -254,6 +278,10 @@ class ScoringApp:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        slot = self._slot
+        sighup = getattr(signal, "SIGHUP", None)
+        if slot is not None and sighup is not None:
+            signal.signal(sighup, lambda _signum, _frame: slot.request_check())
 
     @property
     def ready(self) -> bool:
@@ -313,11 +341,9 @@ class ScoringApp:
         reason = (
             f"the scoring loop has not turned for {stalled:.0f}s (limit {LIVENESS_SECONDS:.0f}s)"
         )
-        checkpoint = self._checkpoint
-        if isinstance(checkpoint, ExactlyOnce):
-            guarding = checkpoint.transactions.watchdog.guarding
-            if guarding is not None:
-                reason += f"; in {guarding[0]} for {guarding[1]:.0f}s"
+        guarding = self._checkpoint.guarding
+        if guarding is not None:
+            reason += f"; in {guarding[0]} for {guarding[1]:.0f}s"
         return reason
 
     def run(self, until_idle: float | None = None) -> Counters:
@@ -355,6 +381,8 @@ class ScoringApp:
                 else:
                     self._maintain_timed(metrics)
                 self._raise_pending()
+                if self._slot is not None:
+                    self._reload(self._slot)
                 now = self._turned_at = time.monotonic()
                 self._probe.check(now)
                 if metrics is not None and now >= next_state:
@@ -373,6 +401,25 @@ class ScoringApp:
             log.info("stop requested", signal=self._stop_signal)
         self._shutdown(clean=True)
         return self.counters
+
+    def _reload(self, slot: ModelSlot) -> None:
+        """Look after the model slot; swap its new scorer in if one is ready.
+
+        Called between batches. Under exactly-once only while no transaction is open (right
+        after a commit or an abort, before the next batch begins one): a transaction's verdicts
+        all come from one model, so a partition switches models at one offset, also when an
+        aborted transaction is read again.
+        """
+        refused = slot.refused
+        slot.maintain()
+        metrics = self._metrics
+        if metrics is not None and slot.refused != refused:
+            metrics.model_reload_failures.inc(slot.refused - refused)
+        if not slot.ready or not self._checkpoint.at_boundary:
+            return
+        self._pipeline.scorer = slot.swap()
+        if metrics is not None:
+            metrics.model_reloads.inc()
 
     def _maintain_timed(self, metrics: ScorerMetrics) -> None:
         """`checkpoint.maintain`, timed as the `commit` stage when it commits or aborts."""
@@ -423,6 +470,8 @@ class ScoringApp:
         try:
             self._checkpoint.close(clean=clean)
         finally:
+            if self._slot is not None:
+                self._slot.close()
             if self._state.restorer is not None:
                 self._state.restorer.close()
             self._consumer.close()
@@ -493,6 +542,8 @@ class ScoringApp:
         self.counters.consumed += len(consumed)
         try:
             self._publish(consumed, keys, sources, scored.verdicts, scored.errors)
+            if self._shadow is not None and self._shadow.active:
+                self._publish_shadow(self._shadow, scored, keys, sources)
         except KafkaException as exc:
             self._checkpoint.failed(str(exc))
             return
@@ -575,6 +626,57 @@ class ScoringApp:
             )
             produced += 1
         self.counters.verdicts += produced
+
+    def _publish_shadow(
+        self,
+        shadow: Shadow,
+        scored: Scored,
+        keys: list[bytes | None],
+        sources: list[Source],
+    ) -> None:
+        """Produce the challenger's verdicts of the batch to the shadow topic, after its own.
+
+        Exactly-once: inside the open transaction, with the checkpoint's callbacks (a shadow
+        verdict not delivered aborts the transaction as any output would). At-least-once: best
+        effort, not tracked (offsets do not wait for them; a failure is counted and logged once).
+        """
+        produced = shadow.score(scored)
+        if not shadow.active and self._metrics is not None:
+            self._metrics.shadow_active.set(0)
+        if produced is None:
+            return
+        shadow_keys = [keys[index] for index in produced.indexes]
+        shadow_sources = [sources[index] for index in produced.indexes]
+        callbacks = self._checkpoint.side_outputs(shadow_sources, shadow_keys, produced.verdicts)
+        if callbacks is None:
+            callbacks = [self._shadow_delivered] * len(shadow_sources)
+        produce = self._producer.produce
+        topic = self._shadow_topic
+        for key, value, source, on_delivery in zip(
+            shadow_keys, produced.verdicts, shadow_sources, callbacks, strict=True
+        ):
+            produce(topic, key, value, list(source_headers(*source)), on_delivery)
+        self._observe_shadow(produced)
+
+    def _observe_shadow(self, produced: ShadowBatch) -> None:
+        metrics = self._metrics
+        if metrics is not None:
+            comparison = produced.comparison
+            metrics.shadow(comparison.records, comparison.agreements, comparison.differences)
+
+    def _shadow_delivered(self, error: KafkaError | None, _message: Any) -> None:
+        if error is None:
+            return
+        self.shadow_delivery_failures += 1
+        if self._metrics is not None:
+            self._metrics.shadow_delivery_failures.inc()
+        if self.shadow_delivery_failures == 1:
+            log.warning(
+                "shadow verdicts not delivered (best effort under at-least-once; counted in"
+                " streamer_shadow_delivery_failures_total)",
+                topic=self._shadow_topic,
+                error=error.str(),
+            )
 
     def _dead_letter(
         self, message: KafkaMessage, error: RecordError, on_delivery: DeliveryCallback

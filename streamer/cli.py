@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = commands.add_parser("topics", help="manage the topics")
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
-    create = topic_commands.add_parser("create", help="create input, output and DLQ if missing")
+    create = topic_commands.add_parser(
+        "create", help="create input, output and DLQ (and shadow) topics if missing"
+    )
     _add_common(create)
     create.add_argument("--partitions", type=positive_int, default=3)
     create.add_argument("--replication-factor", type=int, default=-1)
@@ -686,7 +688,8 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
 
     results = ensure_topics(
         settings.admin_config(),
-        [settings.input_topic, settings.output_topic, settings.dlq_topic],
+        [settings.input_topic, settings.output_topic, settings.dlq_topic]
+        + ([settings.shadow_topic] if settings.shadow_model_path is not None else []),
         partitions=args.partitions,
         replication_factor=args.replication_factor,
     )

@@ -105,6 +105,24 @@ LATENCY_BUCKETS: Final = (
     300.0,
     3600.0,
 )
+SHADOW_AGREEMENT_THRESHOLDS: Final = ("champion", "challenger", "own")
+"""The `threshold` label of `streamer_shadow_agreements_total` (see `shadow.compare`)."""
+SCORE_DIFFERENCE_BUCKETS: Final = (
+    -0.5,
+    -0.2,
+    -0.1,
+    -0.05,
+    -0.02,
+    -0.01,
+    0.0,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+)
 SCORE_BUCKETS: Final = (
     0.01,
     0.02,
@@ -384,6 +402,42 @@ class ScorerMetrics:
             "New model artefacts refused while the running model kept serving",
             registry=self.registry,
         )
+        self.model_reloads = Counter(
+            PREFIX + "model_reloads",
+            "New model artefacts verified and swapped in without a restart",
+            registry=self.registry,
+        )
+        self.shadow_active = Gauge(
+            PREFIX + "shadow_active",
+            "1 while a challenger model scores beside the model (0: none, or switched off)",
+            registry=self.registry,
+        )
+        self.shadow_records = Counter(
+            PREFIX + "shadow_records",
+            "Records scored by both the model and the challenger",
+            registry=self.registry,
+        )
+        shadow_agreements = Counter(
+            PREFIX + "shadow_agreements",
+            "Records on which model and challenger agree (both flag or neither), at the model's"
+            " threshold, at the challenger's, and each at its own",
+            ["threshold"],
+            registry=self.registry,
+        )
+        self._shadow_agreements = {
+            label: shadow_agreements.labels(label) for label in SHADOW_AGREEMENT_THRESHOLDS
+        }
+        self.shadow_difference = BatchHistogram(
+            PREFIX + "shadow_score_difference",
+            "Challenger score minus model score, per record scored by both",
+            SCORE_DIFFERENCE_BUCKETS,
+        )
+        self.registry.register(self.shadow_difference)
+        self.shadow_delivery_failures = Counter(
+            PREFIX + "shadow_delivery_failures",
+            "Challenger verdicts the broker did not take (at-least-once: best effort)",
+            registry=self.registry,
+        )
         self.state_keys = Gauge(
             PREFIX + "state_keys", "Keys held in a state store", ["store"], registry=self.registry
         )
@@ -444,6 +498,13 @@ class ScorerMetrics:
         self.latency.observe_many((produced_ms - stamps) * 0.001)
         finite = scores[np.isfinite(scores)]
         self.scores.observe_many(finite)
+
+    def shadow(self, records: int, agreements: Mapping[str, int], differences: np.ndarray) -> None:
+        """One batch scored by the challenger too (see `shadow.compare`)."""
+        self.shadow_records.inc(records)
+        for label, count in agreements.items():
+            self._shadow_agreements[label].inc(count)
+        self.shadow_difference.observe_many(differences)
 
     def stage(self, stage: str, seconds: float) -> None:
         self._stages[stage].observe(seconds)

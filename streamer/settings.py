@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a verdict says fraud; default: the model card's threshold."""
 
+    shadow_model_path: Path | None = None
+    """A challenger artefact scored beside the model; its verdicts go to `shadow_topic`."""
+
+    shadow_topic: str = Field(default="fraud-verdicts-shadow", min_length=1)
+    """The challenger's verdicts (only with `shadow_model_path`)."""
+
     processing_guarantee: Literal["at-least-once", "exactly-once"] = "at-least-once"
     """at-least-once (offsets stored after delivery) or exactly-once (Kafka transactions)."""
 

@@ -14,8 +14,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from streamer.model.artifact import ModelCard
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
@@ -102,3 +106,20 @@ def fresh_topics(bootstrap: str, *, replication_factor: int = 1) -> Topics:
 def topics(bootstrap_servers: str) -> Topics:
     """Fresh input, output and dead-letter topics (3 partitions each) and a fresh group."""
     return fresh_topics(bootstrap_servers)
+
+
+def resave_model(source: Path, target: Path, **card_changes: Any) -> ModelCard:
+    """Save the model at `source` again at `target` as a new version (other bytes, other sha256).
+
+    The estimator is the same fitted one with its `random_state` parameter changed, which only
+    fitting reads: scores are unchanged, the artefact (and so its version) is new. `card_changes`
+    (a threshold, say) go into the new card.
+    """
+    from streamer.model.artifact import load_model, save_model
+
+    loaded = load_model(source)
+    estimator = loaded.estimator
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    final.set_params(random_state=(final.get_params().get("random_state") or 0) + 1)
+    card = loaded.card.model_copy(update=card_changes)
+    return save_model(estimator, card, target)

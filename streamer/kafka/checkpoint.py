@@ -146,6 +146,27 @@ class Checkpoint(ABC):
         """Outputs the broker acknowledged so far (None: the producer reports failures only)."""
         return None
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the records processed so far end a unit of commit: a model swapped in now
+        scores whole units (at-least-once: always, between batches)."""
+        return True
+
+    @property
+    def guarding(self) -> tuple[str, float] | None:
+        """The client call under way that the watchdog guards, and for how long (None: none)."""
+        return None
+
+    def side_outputs(
+        self,
+        sources: Sequence[Source],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> list[DeliveryCallback] | None:
+        """Delivery callbacks for outputs that ride along with a batch's (shadow verdicts), or
+        None when they are best effort: at-least-once commits offsets without waiting for them."""
+        return None
+
     def fence_on_poll_exceeded(self, reason: str) -> bool:
         """The consumer missed `max.poll.interval.ms`: True if the scorer must stop (fenced)."""
         return False
@@ -587,6 +608,23 @@ class ExactlyOnce(Checkpoint):
     @property
     def pending(self) -> bool:
         return self.transactions.is_open
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self.transactions.is_open  # between transactions
+
+    @property
+    def guarding(self) -> tuple[str, float] | None:
+        return self.transactions.watchdog.guarding
+
+    def side_outputs(
+        self,
+        sources: Sequence[Source],
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+    ) -> list[DeliveryCallback] | None:
+        # In the transaction like every output: one not delivered aborts it.
+        return self.outputs(sources, keys, values)
 
     def in_flight(self) -> int:
         return len(self._producer)

@@ -11,13 +11,16 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamer.app import CARD_STORE, CardState, ScoringApp
 from streamer.headers import Headers, header_map
-from streamer.kafka.checkpoint import AtLeastOnce, Changelog
+from streamer.kafka.checkpoint import AtLeastOnce, Changelog, Checkpoint, ExactlyOnce
 from streamer.kafka.clients import ClientErrors, OutputProducer
+from streamer.kafka.transactions import Transactions
 from streamer.metrics import ScorerMetrics
 from streamer.model.scorer import Scorer
+from streamer.model.slot import ModelSlot
 from streamer.pipeline import BatchDecoder, Pipeline
 from streamer.serde import decode_and_validate
 from streamer.settings import Settings
+from streamer.shadow import Shadow
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.state.store import KeyedStore
 
@@ -203,22 +206,34 @@ def app_on_fakes(
     producer: RecordingProducer | None = None,
     decode: BatchDecoder = decode_and_validate,
     metrics: ScorerMetrics | None = None,
+    slot: ModelSlot | None = None,
+    transactions: FakeTransactions | None = None,
+    shadow: Shadow | None = None,
 ) -> AppRig:
     """A scorer (at-least-once, committing at every turn) owning partitions 0-2, on fakes.
 
-    The changelog topic is "changelog"; restoring is left out (no restorer).
+    With `transactions`, exactly-once instead (committing at every `maintain`). The changelog
+    topic is "changelog"; restoring is left out (no restorer).
     """
     producer = RecordingProducer() if producer is None else producer
     consumer = FakeConsumer()
-    store = KeyedStore(CARD_STORE, CARD_HISTORY_CODEC, keep_undo=False)
+    store = KeyedStore(CARD_STORE, CARD_HISTORY_CODEC, keep_undo=transactions is not None)
     for partition in (0, 1, 2):
         store.assign(partition)
-    checkpoint = AtLeastOnce(
-        cast(Consumer, consumer),
-        cast(OutputProducer, producer),
-        [Changelog(store, "changelog")],
-        0.0,
-    )
+    changelogs = [Changelog(store, "changelog")]
+    checkpoint: Checkpoint
+    if transactions is None:
+        checkpoint = AtLeastOnce(
+            cast(Consumer, consumer), cast(OutputProducer, producer), changelogs, 0.0
+        )
+    else:
+        checkpoint = ExactlyOnce(
+            cast(Consumer, consumer),
+            cast(OutputProducer, producer),
+            changelogs,
+            0.0,
+            cast(Transactions, transactions),
+        )
     app = ScoringApp(
         settings,
         Pipeline(scorer, max_event_bytes=settings.max_event_bytes, decode=decode),
@@ -228,5 +243,7 @@ def app_on_fakes(
         checkpoint,
         CardState(store, None),
         metrics,
+        slot,
+        shadow,
     )
     return AppRig(app, producer, consumer, store)
