@@ -160,6 +160,26 @@ class ModelCard(BaseModel):
     training: dict[str, Any]
     """Seed, sizes, fraud rate, splits, algorithm and parameters, threshold rule."""
 
+    @classmethod
+    def for_new_model(
+        cls, name: str, threshold: float, metrics: dict[str, float], training: dict[str, Any]
+    ) -> ModelCard:
+        """The card of a model fitted or imported now, on this version's features and
+        scikit-learn; `save_model` fills its sha256 and version."""
+        return cls(
+            name=name,
+            version="",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            sha256="",
+            sklearn_version=sklearn.__version__,
+            artifact_format=ARTIFACT_FORMAT,
+            features=list(FEATURE_ORDER),
+            categorical_features=list(CATEGORICAL_FEATURES),
+            threshold=threshold,
+            metrics=metrics,
+            training=training,
+        )
+
     @field_validator("created_at")
     @classmethod
     def _iso_utc(cls, value: str) -> str:

@@ -52,17 +52,15 @@ from typing import Any, Final
 
 import joblib
 import numpy as np
-import sklearn
 import skops.io
 from sklearn.exceptions import InconsistentVersionWarning
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from streamer.errors import ConfigError, DataFileError, ModelRefusedError
-from streamer.features import CATEGORICAL_FEATURES, FEATURE_ORDER, build_features
+from streamer.features import FEATURE_ORDER, build_features
 from streamer.files import build_file_features, load_rows
 from streamer.model.artifact import (
-    ARTIFACT_FORMAT,
     SUPPORTED_MODELS,
     TRUSTED_TYPES,
     ModelCard,
@@ -196,15 +194,8 @@ def _import(
         raise ConfigError("give --threshold X or --data PATH")
 
     classifier = estimator.steps[-1][1] if type(estimator) is Pipeline else estimator
-    card = ModelCard(
+    card = ModelCard.for_new_model(
         name=name or f"imported-{type(classifier).__name__.lower()}",
-        version="",
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        sha256="",
-        sklearn_version=sklearn.__version__,
-        artifact_format=ARTIFACT_FORMAT,
-        features=list(FEATURE_ORDER),
-        categorical_features=list(CATEGORICAL_FEATURES),
         threshold=threshold,
         metrics=metrics,
         training={

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import sklearn
 import structlog
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import (
@@ -56,13 +55,12 @@ from threadpoolctl import threadpool_limits
 
 from streamer.errors import DataFileError
 from streamer.features import (
-    CATEGORICAL_FEATURES,
     FEATURE_ORDER,
     HISTORY_FEATURES,
     build_features,
 )
 from streamer.files import Progress, build_file_features, load_rows
-from streamer.model.artifact import ARTIFACT_FORMAT, ModelCard, save_model
+from streamer.model.artifact import ModelCard, save_model
 from streamer.synthetic import DEFAULT_EVENTS_PER_DAY, LabelledTransaction, SyntheticWorld
 
 TRAINING_DAYS: Final = 10
@@ -371,15 +369,8 @@ def _fit_and_save(
         ),
     )
 
-    card = ModelCard(
+    card = ModelCard.for_new_model(
         name=MODEL_NAME,
-        version="",
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        sha256="",
-        sklearn_version=sklearn.__version__,
-        artifact_format=ARTIFACT_FORMAT,
-        features=list(FEATURE_ORDER),
-        categorical_features=list(CATEGORICAL_FEATURES),
         threshold=threshold,
         metrics=metrics,
         training={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,27 +18,9 @@ from streamer.synthetic import SyntheticWorld
 from tests.conftest import Topics
 from tests.integration.registry_standin import RegistryStandIn
 from tests.integration.support import Record, read_all, run_scorer, scorer_env
+from tests.registry_schemas import evolved_writer, incompatible_writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def _evolved() -> dict[str, Any]:
-    """transaction.avsc reordered, with a new optional field and without card_avg_amount."""
-    schema = copy.deepcopy(TRANSACTION_SCHEMA)
-    fields = [f for f in schema["fields"] if f["name"] != "card_avg_amount"]
-    fields.reverse()
-    fields.insert(2, {"name": "device_id", "type": ["null", "string"], "default": None})
-    schema["fields"] = fields
-    return schema
-
-
-def _incompatible() -> dict[str, Any]:
-    """transaction.avsc with amount as a string."""
-    schema = copy.deepcopy(TRANSACTION_SCHEMA)
-    for field in schema["fields"]:
-        if field["name"] == "amount":
-            field["type"] = "string"
-    return schema
 
 
 class FramingProducer:
@@ -91,14 +72,14 @@ class TestSchemaRegistryInput:
             producer = FramingProducer(bootstrap_servers, topics.input, registry.url)
             ours_values = producer.send(TRANSACTION_SCHEMA, ours)
             producer.send(
-                _evolved(),
+                evolved_writer(),
                 [
                     {**{k: v for k, v in r.items() if k != "card_avg_amount"}, "device_id": "d"}
                     for r in evolved
                 ],
             )
             bad_values = producer.send(
-                _incompatible(),
+                incompatible_writer(),
                 [{**r, "amount": str(r["amount"])} for r in incompatible],
                 **{"subject.name.strategy.type": "RECORD"},
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import uuid
@@ -29,6 +28,7 @@ from streamer.serde import (
 )
 from streamer.settings import Settings
 from streamer.synthetic import SyntheticWorld
+from tests.registry_schemas import evolved_writer, incompatible_writer
 from tests.unit.fakes import app_on_fakes
 from tests.unit.test_app import StubMessage
 
@@ -55,25 +55,6 @@ def _framed(
     serializer = AvroSerializer(client, json.dumps(schema))
     context = SerializationContext(TOPIC, MessageField.VALUE)
     return [cast(bytes, serializer(record, context)) for record in records]
-
-
-def _evolved() -> dict[str, Any]:
-    """transaction.avsc reordered, with one optional field more and one optional field less."""
-    schema = copy.deepcopy(TRANSACTION_SCHEMA)
-    fields = [f for f in schema["fields"] if f["name"] != "card_avg_amount"]
-    fields.reverse()
-    fields.insert(3, {"name": "device_id", "type": ["null", "string"], "default": None})
-    schema["fields"] = fields
-    return schema
-
-
-def _incompatible() -> dict[str, Any]:
-    """transaction.avsc with amount as a string: no Avro resolution reads it as a double."""
-    schema = copy.deepcopy(TRANSACTION_SCHEMA)
-    for field in schema["fields"]:
-        if field["name"] == "amount":
-            field["type"] = "string"
-    return schema
 
 
 def _no_logical_types(schema: Any) -> Any:
@@ -141,7 +122,7 @@ class TestFramedInput:
             {**{k: v for k, v in r.items() if k != "card_avg_amount"}, "device_id": "d-1"}
             for r in records
         ]
-        framed = _framed(client, _evolved(), written)
+        framed = _framed(client, evolved_writer(), written)
         with capture_logs() as logs:
             batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
         [fetched] = [entry for entry in logs if entry["event"] == "writer schema fetched"]
@@ -155,7 +136,7 @@ class TestFramedInput:
         """amount as a float and card_present moved: Avro promotes float to double."""
         client = _mock_registry()
         records = [{**r, "amount": 12.5} for r in _records(5)]
-        schema = _evolved()
+        schema = evolved_writer()
         for field in schema["fields"]:
             if field["name"] == "amount":
                 field["type"] = "float"
@@ -170,7 +151,7 @@ class TestFramedInput:
         """For a writer read by projection, the records equal fastavro's resolution of them."""
         client = _mock_registry()
         records = _records(50)
-        schema = _evolved()
+        schema = evolved_writer()
         framed = _framed(client, schema, [{**r, "device_id": "x"} for r in records])
         batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
         writer = fastavro.parse_schema(_no_logical_types(schema))
@@ -184,7 +165,7 @@ class TestFramedInput:
         """A writer whose amount is a string: each of its records is dead-lettered, by id."""
         client = _mock_registry()
         records = _records(3)
-        framed = _framed(client, _incompatible(), [{**r, "amount": "12.5"} for r in records])
+        framed = _framed(client, incompatible_writer(), [{**r, "amount": "12.5"} for r in records])
         schema_id = int.from_bytes(framed[0][1:5], "big")
         batch = RegistryDecoder(client).decode_and_validate(framed, _keys(records), MAX_BYTES)
         assert batch.indexes == []
@@ -199,7 +180,9 @@ class TestFramedInput:
         client = _mock_registry()
         records = _records(8)
         ours = _framed(client, TRANSACTION_SCHEMA, records[:3])
-        evolved = _framed(client, _evolved(), [{**r, "device_id": None} for r in records[3:6]])
+        evolved = _framed(
+            client, evolved_writer(), [{**r, "device_id": None} for r in records[3:6]]
+        )
         plain = [encode_transaction(r) for r in records[6:]]
         values: list[bytes | None] = [
             ours[0], evolved[0], plain[0], b"\xff\xfe", ours[1], evolved[1], None,
@@ -232,7 +215,7 @@ class TestFramedInput:
         client = _mock_registry()
         records = _records(2)
         framed = _framed(client, TRANSACTION_SCHEMA, records)
-        evolved = _framed(client, _evolved(), [{**records[1], "device_id": None}])
+        evolved = _framed(client, evolved_writer(), [{**records[1], "device_id": None}])
         values: list[bytes | None] = [framed[0][:20], evolved[0][:20]]
         batch = RegistryDecoder(client).decode_and_validate(values, _keys(records), MAX_BYTES)
         reasons = [str(error) for _, error in batch.errors]
@@ -256,7 +239,7 @@ class TestWriterSchemas:
         client = _mock_registry()
         records = _records(10)
         values = _framed(client, TRANSACTION_SCHEMA, records[:5]) + _framed(
-            client, _evolved(), [{**r, "device_id": None} for r in records[5:]]
+            client, evolved_writer(), [{**r, "device_id": None} for r in records[5:]]
         )
         registry = CountingRegistry(client)
         decoder = RegistryDecoder(registry)
