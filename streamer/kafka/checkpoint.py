@@ -227,8 +227,9 @@ class AtLeastOnce(Checkpoint):
     Nothing waits on the hot path: the snapshot is encoded in slices of about `SLICE_SECONDS`
     between batches (`KeyedStore.begin_snapshot`: a record that would change a value not encoded
     yet has it encoded first), and the commit happens on the turn that finds every acknowledgement
-    in. The offsets committed are the snapshot's positions, never further: the changelog holds the
-    state as of exactly those offsets. `commit` (at a revoke, at the stop) does all of it at once
+    in, and in the background (the coordinator's answer is not waited for). The offsets committed
+    are the snapshot's positions, never further: the changelog holds the state as of exactly those
+    offsets. `commit` (at a revoke, at the stop) does all of it at once
     and waits.
     """
 
@@ -359,15 +360,19 @@ class AtLeastOnce(Checkpoint):
             if acknowledged.get(partition, -1) < position:
                 return False
             positions.append((topic, partition, position))
-        if not self._commit_offsets(positions):
+        if not self._commit_offsets(positions, wait=False):
             return False
         self._snapshot = None
         return True
 
-    def _commit_offsets(self, positions: Sequence[tuple[str, int, int]]) -> bool:
-        """Commit `positions`; False when the group has moved on without this scorer."""
+    def _commit_offsets(self, positions: Sequence[tuple[str, int, int]], *, wait: bool) -> bool:
+        """Commit `positions`; False when the group has moved on without this scorer.
+
+        Without `wait` the commit goes in the background (`clients.log_commit_result` reports a
+        failure): the loop never stops for the coordinator's answer.
+        """
         try:
-            commit_positions(self._consumer, positions)
+            commit_positions(self._consumer, positions, wait=wait)
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if not isinstance(error, KafkaError) or error.code() not in MEMBERSHIP_CODES:
@@ -403,7 +408,7 @@ class AtLeastOnce(Checkpoint):
             )
             return False
         # Everything is acknowledged: the positions are the state's, the snapshot's.
-        if not self._commit_offsets(self._tracker.positions(partitions)):
+        if not self._commit_offsets(self._tracker.positions(partitions), wait=True):
             return False
         self._snapshot = None
         return True

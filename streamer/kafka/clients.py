@@ -221,7 +221,26 @@ def _refused(kind: type[Consumer] | type[Producer], config: dict[str, Any]) -> s
 
 def create_consumer(config: dict[str, Any], errors: ClientErrors) -> Consumer:
     """A consumer whose errors land in `errors` and whose logs go to the process log."""
-    return Consumer({**config, "error_cb": errors, "logger": CLIENT_LOGGER})
+    return Consumer(
+        {**config, "error_cb": errors, "logger": CLIENT_LOGGER, "on_commit": log_commit_result}
+    )
+
+
+def log_commit_result(error: KafkaError | None, partitions: Sequence[TopicPartition]) -> None:
+    """A commit made in the background (`commit_positions(wait=False)`) that failed: say so.
+
+    Nothing is lost: a later commit covers the same offsets, and until one does, a restart reads
+    the records after the last commit again (at-least-once). Refused because the group moved on
+    without this consumer, the partitions are reported lost and their new owner reads them again.
+    Runs inside the consumer's poll: record only, never raise.
+    """
+    if error is None or error.code() == KafkaError._NO_OFFSET:
+        return
+    log.warning(
+        "offset commit failed; a later commit covers it",
+        error=error.str(),
+        partitions=[f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions],
+    )
 
 
 class OutputProducer:
@@ -302,8 +321,11 @@ def store_positions(consumer: Consumer, positions: Sequence[tuple[str, int, int]
         consumer.store_offsets(offsets=[TopicPartition(t, p, o) for t, p, o in positions])
 
 
-def commit_positions(consumer: Consumer, positions: Sequence[tuple[str, int, int]]) -> None:
-    """Store, then synchronously commit, explicit positions.
+def commit_positions(
+    consumer: Consumer, positions: Sequence[tuple[str, int, int]], *, wait: bool = True
+) -> None:
+    """Store, then commit, explicit positions: synchronously, or with `wait` false in the
+    background (its outcome goes to `log_commit_result`, served by the consumer's poll).
 
     Storing first matters: librdkafka commits the *stored* offsets once more when the consumer
     closes or a partition is revoked, and a stored offset older than the one committed here would
@@ -313,6 +335,9 @@ def commit_positions(consumer: Consumer, positions: Sequence[tuple[str, int, int
         return
     offsets = [TopicPartition(topic, partition, offset) for topic, partition, offset in positions]
     consumer.store_offsets(offsets=offsets)
+    if not wait:
+        consumer.commit(offsets=offsets, asynchronous=True)
+        return
     try:
         consumer.commit(offsets=offsets, asynchronous=False)
     except KafkaException as exc:

@@ -18,8 +18,10 @@ line saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Final, Literal, Protocol
@@ -32,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from streamer import __version__
 from streamer.events import Verdict
+from streamer.model.slot import ModelSlot
 from streamer.serve.metrics import MetricsMiddleware, ServeMetrics
 from streamer.serve.replica import ReplicaStatus
 from streamer.serve.scoring import (
@@ -44,6 +47,8 @@ from streamer.serve.scoring import (
 
 log = structlog.get_logger(__name__)
 
+RELOAD_TURN_SECONDS: Final = 0.5
+"""How often the server looks after its model slot (which looks at the files every 2 s)."""
 ITEM_BODY_BYTES: Final = 8 * 1024
 """Largest JSON body of one transaction; a batch may take this much per transaction.
 
@@ -178,6 +183,24 @@ _REFUSALS: Final[dict[int | str, dict[str, Any]]] = {
 # -- the application -----------------------------------------------------------------------------
 
 
+async def _reload(slot: ModelSlot, scorer: OnlineScorer, metrics: ServeMetrics) -> None:
+    """Look after the model slot each `RELOAD_TURN_SECONDS`; swap a new scorer in when ready.
+
+    As in `streamer run` (`model.slot`): a new pair renamed into place, or SIGHUP, is loaded,
+    verified and warmed in a thread, then swapped in between two model calls (the pipeline reads
+    its scorer once per call), so a batch request is scored by one model throughout.
+    """
+    while True:
+        await asyncio.sleep(RELOAD_TURN_SECONDS)
+        refused = slot.refused
+        slot.maintain()
+        if slot.refused != refused:
+            metrics.model_reload_failures.inc(slot.refused - refused)
+        if slot.ready:
+            scorer.pipeline.scorer = slot.swap()
+            metrics.model_reloads.inc()
+
+
 def create_app(
     scorer: OnlineScorer,
     replica: Replica,
@@ -185,8 +208,9 @@ def create_app(
     token: str | None,
     max_batch: int,
     metrics: ServeMetrics | None = None,
+    slot: ModelSlot | None = None,
 ) -> FastAPI:
-    """The server; the lifespan starts and stops `replica`."""
+    """The server; the lifespan starts and stops `replica`, and looks after `slot` (reload)."""
     metrics = metrics or ServeMetrics(replica.status)
     token_bytes = None if token is None else token.encode()
 
@@ -196,13 +220,22 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         nonlocal coalescer
         coalescer = Coalescer(scorer, max_batch)
-        task = asyncio.create_task(coalescer.run(), name="scoring")
+        tasks = [asyncio.create_task(coalescer.run(), name="scoring")]
+        if slot is not None:
+            tasks.append(asyncio.create_task(_reload(slot, scorer, metrics), name="reload"))
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # SIGHUP checks the model files at once, as for `streamer run` (one process;
+                # with workers, uvicorn's parent answers SIGHUP by restarting them).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, slot.request_check)
         replica.start()
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             replica.stop()
+            if slot is not None:
+                slot.close()
 
     async def score_items(items: list[Any]) -> list[ItemResult]:
         assert coalescer is not None, "the lifespan starts it before any request"

@@ -64,6 +64,16 @@ class ServeMetrics:
             "Requests refused (503) because too many transactions were waiting to be scored.",
             registry=self.registry,
         )
+        self.model_reloads = Counter(
+            "streamer_http_model_reloads",
+            "New models swapped in without a restart (a new artefact renamed into place).",
+            registry=self.registry,
+        )
+        self.model_reload_failures = Counter(
+            "streamer_http_model_reload_failures",
+            "New models refused at reload; the model in use kept serving.",
+            registry=self.registry,
+        )
         self.registry.register(_ReplicaCollector(replica_status))
 
     def exposition(self) -> bytes:

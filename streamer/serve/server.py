@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from streamer.logging import configure_logging
 from streamer.model.scorer import Scorer
+from streamer.model.slot import ModelSlot
 from streamer.pipeline import Pipeline
 from streamer.serve.http import create_app
 from streamer.serve.replica import CardReplica
@@ -44,8 +45,8 @@ def build_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
     """The server of these settings (the model loaded here unless given)."""
     if scorer is None:
         scorer = Scorer.from_path(settings.model_path, settings.threshold)
-    # The model slot: `Pipeline.process` reads `pipeline.scorer` once per call, so a reload
-    # that assigns a new verified scorer there applies from the next request on.
+    # `Pipeline.process` reads `pipeline.scorer` once per call: the model slot's reload assigns a
+    # new verified scorer there, which applies from the next call on (`http._reload`).
     pipeline = Pipeline(scorer, max_event_bytes=settings.max_event_bytes)
     replica = CardReplica(settings.replica_reader_config(), settings.group_id)
     token = None if settings.http_token is None else settings.http_token.get_secret_value()
@@ -64,6 +65,7 @@ def build_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
         replica,
         token=token,
         max_batch=settings.http_max_batch,
+        slot=ModelSlot(scorer, settings.model_path, threshold=settings.threshold),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from structlog.testing import capture_logs
 
 from streamer.errors import ConfigError
@@ -13,6 +13,7 @@ from streamer.kafka.clients import (
     ClientErrors,
     ReachabilityProbe,
     check_client_config,
+    log_commit_result,
     topic_partitions,
 )
 from streamer.settings import load_settings
@@ -195,3 +196,16 @@ class TestTopicPartitions:
         consumer = _NewTopicConsumer([{}])
         with pytest.raises(KafkaException, match=r"t: not ready after 0\.3 s"):
             topic_partitions(consumer, "t", timeout=0.3)  # type: ignore[arg-type]
+
+
+class TestBackgroundCommits:
+    def test_a_failed_commit_is_logged_with_its_partitions(self) -> None:
+        """A commit made in the background that fails is said once, naming what it was for."""
+        with capture_logs() as logs:
+            log_commit_result(
+                KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [TopicPartition("t", 1, 42)]
+            )
+            log_commit_result(None, [TopicPartition("t", 1, 43)])
+            log_commit_result(KafkaError(KafkaError._NO_OFFSET), [])
+        assert [entry["partitions"] for entry in logs] == [["t[1]@42"]]
+        assert logs[0]["log_level"] == "warning"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +19,9 @@ from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
 from streamer.errors import ConfigError
+from streamer.model.artifact import card_path_for
 from streamer.model.scorer import Scorer
+from streamer.model.slot import ModelSlot
 from streamer.pipeline import Histories, Pipeline
 from streamer.serde import decode_and_validate, decode_verdict, encode_transaction
 from streamer.serve.http import ITEM_BODY_BYTES, create_app
@@ -31,6 +36,7 @@ from streamer.serve.scoring import (
 from streamer.settings import load_settings
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 from streamer.synthetic import SyntheticWorld
+from tests.conftest import resave_model
 
 MAX_EVENT_BYTES = 64 * 1024
 TOKEN = "s3cret-token-value"
@@ -440,6 +446,57 @@ class TestOperations:
         assert 'streamer_http_request_duration_seconds_count{route="/v1/score"} 2.0' in text
         assert "streamer_replica_lag_records 0.0" in text
         assert "streamer_replica_ready 1.0" in text
+
+
+class TestModelReload:
+    def test_a_model_renamed_into_place_serves_the_next_requests(
+        self, model_path: Path, tmp_path: Path, replica: FakeReplica, world: Any
+    ) -> None:
+        """As in `streamer run`: a new pair renamed into place is verified, warmed and swapped
+        in between model calls; a corrupt one after it is refused and counted, and the model in
+        use keeps serving."""
+        path = tmp_path / "fraud-model.skops"
+        shutil.copy(model_path, path)
+        shutil.copy(card_path_for(model_path), card_path_for(path))
+        first = Scorer.from_path(path)
+        staged = tmp_path / "next" / path.name
+        resave_model(path, staged, threshold=0.25)
+        pipeline = Pipeline(first, max_event_bytes=MAX_EVENT_BYTES)
+        slot = ModelSlot(first, path, check_interval=0.05)
+        app = create_app(
+            OnlineScorer(pipeline, replica), replica, token=None, max_batch=10, slot=slot
+        )
+        record = world[1][0]
+        with TestClient(app) as client:
+            assert client.post("/v1/score", json=record).json()["verdict"]["threshold"] != 0.25
+            os.replace(staged, path)
+            os.replace(card_path_for(staged), card_path_for(path))
+            verdict = _eventually(
+                lambda: client.post("/v1/score", json=record).json()["verdict"],
+                lambda v: v["threshold"] == 0.25,
+            )
+            assert verdict["model_version"] != first.version
+            corrupt = tmp_path / "corrupt.skops"
+            corrupt.write_bytes(b"PK\x03\x04 not a model")
+            os.replace(corrupt, path)
+            text = _eventually(
+                lambda: client.get("/metrics").text,
+                lambda t: "streamer_http_model_reload_failures_total 1.0" in t,
+            )
+            assert "streamer_http_model_reloads_total 1.0" in text
+            after = client.post("/v1/score", json=record).json()["verdict"]
+            assert after["model_version"] == verdict["model_version"]
+
+
+def _eventually(get: Any, good: Any, seconds: float = 20.0) -> Any:
+    """`get()` until `good` of it, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = get()
+        if good(value) or time.monotonic() > deadline:
+            assert good(value), value
+            return value
+        time.sleep(0.05)
 
 
 class CountingPipeline(Pipeline):
