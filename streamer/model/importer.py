@@ -46,7 +46,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -72,7 +71,7 @@ from streamer.model.artifact import (
     load_model,
     save_model,
 )
-from streamer.model.train import THRESHOLD_RULE, _evaluate, _max_f1_threshold
+from streamer.model.train import THRESHOLD_RULE, _evaluate, _iso, _max_f1_threshold
 from streamer.synthetic import SyntheticWorld
 
 SAMPLE_SIZE: Final = 2_000
@@ -280,10 +279,6 @@ def read_labelled(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> Label
             },
         },
     )
-
-
-def _iso(millis: int) -> str:
-    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _read_source(source: Path) -> bytes:
