@@ -280,6 +280,11 @@ class Settings(BaseSettings):
             # A restore ends at the first empty fetch of each partition (its end of partition):
             # the broker's default wait for data (500 ms) would be added to every restore.
             "fetch.wait.max.ms": 10,
+            # A restore reads faster than it applies, so the fetch queue is soon over its
+            # threshold, and librdkafka then pauses fetching that partition for a second by
+            # default: a restore of 150,000 records spent half its time waiting for those pauses
+            # to end (1.3 s against 0.65 s with 10 ms).
+            "fetch.queue.backoff.ms": 10,
         }
         config.update(self._common())
         return config
@@ -299,6 +304,8 @@ class Settings(BaseSettings):
             "enable.partition.eof": True,
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
+            # Catching up reads faster than it applies: see `changelog_reader_config`.
+            "fetch.queue.backoff.ms": 10,
         }
         config.update(self._common())
         return config

@@ -4,13 +4,16 @@ Each store writes its changes to a compacted topic `<group id>-<store>-changelog
 partitions as the input: partition i of the changelog holds the keys of input partition i, so the
 process that is assigned input partition i restores its state from changelog partition i alone.
 
-Every changelog record carries `streamer.changelog.position`, the input position its state covers
-(`kafka.checkpoint`). A restore applies the records of a partition in log order and leaves out
-those whose position is past the input partition's committed offset: the checkpoint that wrote
-them did not commit (the process died between flushing the changelog and committing offsets, which
-only at-least-once can do), so their input records are read again, and must meet the state they
-met the first time. Exactly-once reads the changelog `read_committed`: an aborted transaction's
-records are never seen, and a committed record's position is never past the committed offset.
+Every changelog record carries the input position its state covers (`kafka.checkpoint`): a value
+begins with it (`positioned`), a tombstone has it in its `streamer.changelog.position` header. (A
+value's position is not a header because reading a record's headers costs a restore more than
+everything else it does with the record.) A restore applies the records of a partition in log
+order and leaves out those whose position is past the input partition's committed offset: the
+checkpoint that wrote them did not commit (the process died between flushing the changelog and
+committing offsets, which only at-least-once can do), so their input records are read again, and
+must meet the state they met the first time. Exactly-once reads the changelog `read_committed`:
+an aborted transaction's records are never seen, and a committed record's position is never past
+the committed offset.
 
 Compaction keeps the latest record of each key. A record left out above needs the one before it,
 so `min.compaction.lag.ms` keeps every record uncompacted for a day: a restore within a day of a
@@ -19,6 +22,7 @@ crash always finds it.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -52,6 +56,27 @@ _NOT_KNOWN_YET: Final = frozenset(
 )
 """Errors of a reader whose metadata does not have a topic created moments ago: it would wait
 for that partition's end for ever, so the partition is assigned again (`Restorer.step`)."""
+
+
+_POSITIONED: Final = struct.Struct(">Bq")
+POSITIONED_MARK: Final = 0xFE
+"""First byte of a changelog value that begins with its position: the mark, then the position as
+a big-endian i64, then the store's encoded value. A value without the mark (written before the
+position moved into the value) is the encoded value alone, its position in a header."""
+_MARK_BYTE: Final = bytes((POSITIONED_MARK,))
+
+
+def positioned(position: int) -> bytes:
+    """The start of every changelog value written for state that covers input before `position`:
+    the value is this followed by the store's encoded value."""
+    return _POSITIONED.pack(POSITIONED_MARK, position)
+
+
+def value_position(data: bytes) -> tuple[int | None, bytes]:
+    """A changelog value's position (None: it has none of its own) and the store's value."""
+    if data[:1] == _MARK_BYTE and len(data) >= _POSITIONED.size:
+        return _POSITIONED.unpack_from(data)[1], data[_POSITIONED.size :]
+    return None, data
 
 
 def changelog_topic(group_id: str, store: str) -> str:
@@ -184,6 +209,7 @@ class Restorer:
         finished: list[int] = []
         deadline = time.monotonic() + seconds
         store, committed = self._store, self._committed
+        unpack_position, positioned_size = _POSITIONED.unpack_from, _POSITIONED.size
         while committed and time.monotonic() < deadline:
             if self._reassign_at is not None and time.monotonic() >= self._reassign_at:
                 self._reassign_at = None
@@ -216,14 +242,12 @@ class Restorer:
                 limit = committed.get(partition)
                 if limit is None:
                     continue  # not restoring it, or no input offset committed: nothing counts
-                headers: Any = message.headers()
-                if headers and headers[0][0] == CHANGELOG_POSITION:  # as checkpoints write it
-                    try:
-                        position: int | None = int(headers[0][1])
-                    except (TypeError, ValueError):
-                        position = None
-                else:
-                    position = _position(headers)
+                value: bytes | None = message.value()
+                if value and value[0] == POSITIONED_MARK and len(value) >= positioned_size:
+                    position: int | None = unpack_position(value)[1]
+                    value = value[positioned_size:]
+                else:  # a tombstone, or a value written with its position in a header
+                    position = _position(message.headers())
                 if position is None or position > limit:
                     continue  # written by a checkpoint that did not commit: see module docstring
                 key = message.key()
@@ -232,7 +256,7 @@ class Restorer:
                 runs = applied.get(partition)
                 if runs is None:
                     runs = applied[partition] = []
-                runs.append((key, message.value()))
+                runs.append((key, value))
             self._apply(applied)
         now = time.monotonic()
         if committed and now >= self._next_progress:

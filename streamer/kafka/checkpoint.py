@@ -8,7 +8,7 @@ the checkpoint decides when and how everything commits, and what an error does:
   producer is flushed (verdicts, dead letters and changelog records all acknowledged), and only
   then are the input offsets committed, each partition's no further than its acknowledged prefix
   (`kafka.delivery`). A changelog record carries the input position its state covers
-  (`streamer.changelog.position`), so a restore can leave out state newer than the committed
+  (`kafka.changelog.positioned`), so a restore can leave out state newer than the committed
   offsets (`kafka.changelog`): after a crash between the flush and the commit the records are
   read again and applied to the state they were first applied to, not twice. A failed delivery
   stops the scorer, with offsets committed only in front of it.
@@ -35,6 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streamer.errors import DeliveryFailedError, FencedError, KafkaFatalError
 from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka.changelog import positioned
 from streamer.kafka.clients import OutputProducer, commit_positions
 from streamer.kafka.delivery import DeliveryCallback, DeliveryFailure, DeliveryTracker, Source
 from streamer.kafka.transactions import MEMBERSHIP_CODES, AbortableError, Transactions
@@ -189,10 +190,13 @@ class Checkpoint(ABC):
                 position = store.position(partition)
                 if position is None:
                     continue
-                headers: list[tuple[str, str | bytes | None]] = [
-                    (CHANGELOG_POSITION, str(position).encode())
-                ]
+                prefix = positioned(position)
+                tombstone_headers = _tombstone_headers(position)
                 for key, value in store.changes(partition):
+                    if value is None:
+                        value, headers = None, tombstone_headers
+                    else:
+                        value, headers = prefix + value, _NO_HEADERS
                     produce(changelog.topic, key.encode(), value, headers, on_delivery, partition)
                     written += 1
         return written
@@ -246,7 +250,9 @@ class AtLeastOnce(Checkpoint):
         super().__init__(consumer, producer, changelogs, interval)
         self._snapshot: dict[int, int] | None = None
         """Input partition → the position the snapshot being written covers (None: none)."""
-        self._snapshot_headers: dict[int, list[tuple[str, str | bytes | None]]] = {}
+        self._snapshot_prefixes: dict[int, bytes] = {}
+        """Per partition, what every changelog value of the snapshot begins with (its position)."""
+        self._snapshot_tombstone_headers: dict[int, list[tuple[str, str | bytes | None]]] = {}
         self._snapshot_size = 0
         """Changelog records the snapshot had to write when it began."""
         self._snapshot_written = 0
@@ -304,9 +310,11 @@ class AtLeastOnce(Checkpoint):
         self._snapshot = snapshot
         self._snapshot_size = sum(changelog.store.snapshot_size for changelog in self._changelogs)
         self._snapshot_written = 0
-        self._snapshot_headers = {
-            partition: [(CHANGELOG_POSITION, str(position).encode())]
-            for partition, position in snapshot.items()
+        self._snapshot_prefixes = {
+            partition: positioned(position) for partition, position in snapshot.items()
+        }
+        self._snapshot_tombstone_headers = {
+            partition: _tombstone_headers(position) for partition, position in snapshot.items()
         }
 
     def _write_snapshot(self, seconds: float | None) -> None:
@@ -317,7 +325,8 @@ class AtLeastOnce(Checkpoint):
         takes meanwhile (a snapshot can begin only once the previous one is written).
         """
         produce = self._producer.produce
-        headers = self._snapshot_headers
+        prefixes = self._snapshot_prefixes
+        delivered = self._delivered
         if seconds is None:
             deadline, due = math.inf, math.inf
         else:
@@ -330,9 +339,12 @@ class AtLeastOnce(Checkpoint):
             while store.snapshot_pending:
                 records = store.snapshot_slice(SLICE_RECORDS)
                 for partition, key, value in records:
-                    produce(
-                        topic, key.encode(), value, headers[partition], self._delivered, partition
-                    )
+                    if value is None:
+                        headers = self._snapshot_tombstone_headers[partition]
+                        produce(topic, key.encode(), None, headers, delivered, partition)
+                    else:
+                        value = prefixes[partition] + value
+                        produce(topic, key.encode(), value, _NO_HEADERS, delivered, partition)
                 self._changelog_unacknowledged += len(records)
                 self._snapshot_written += len(records)
                 if self._snapshot_written >= due and time.monotonic() >= deadline:
@@ -641,3 +653,12 @@ def describe_failures(failures: Sequence[DeliveryFailure]) -> str:
         f"output for {first.topic}[{first.partition}]@{first.offset} was not delivered: "
         f"{first.error.str()} ({len(failures)} failed)"
     )
+
+
+_NO_HEADERS: Final[list[tuple[str, str | bytes | None]]] = []
+"""A changelog value's headers: none (its position begins the value). Never changed."""
+
+
+def _tombstone_headers(position: int) -> list[tuple[str, str | bytes | None]]:
+    """A tombstone has no value to begin with its position: it goes in a header."""
+    return [(CHANGELOG_POSITION, str(position).encode())]

@@ -27,7 +27,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from streamer.errors import KafkaFatalError
-from streamer.kafka.changelog import changelog_topic
+from streamer.kafka.changelog import changelog_topic, value_position
 from streamer.kafka.clients import ClientErrors, create_consumer
 from streamer.state.card import CARD_HISTORY_CODEC, CardHistory
 
@@ -124,7 +124,8 @@ class CardReplica:
         """
         cached = self._decoded.get(card_id)
         if cached is None or cached[0] is not entry:
-            cached = self._decoded[card_id] = (entry, CARD_HISTORY_CODEC.decode(entry.value))
+            _, value = value_position(entry.value)
+            cached = self._decoded[card_id] = (entry, CARD_HISTORY_CODEC.decode(value))
         return cached[1].copy()
 
     def status(self) -> ReplicaStatus:

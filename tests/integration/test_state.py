@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -16,10 +17,25 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
 from streamer.features import build_features
+from streamer.headers import CHANGELOG_POSITION
 from streamer.kafka.admin import ensure_topics
+from streamer.kafka.changelog import (
+    Restorer,
+    ensure_changelog,
+    positioned,
+    value_position,
+)
 from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
 from streamer.serde import decode_verdict
+from streamer.settings import Settings
+from streamer.state.card import (
+    CARD_HISTORY_CODEC,
+    HISTORY_FEATURES,
+    CardHistory,
+    history_features,
+)
+from streamer.state.store import KeyedStore
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import publish
 from tests.conftest import Topics
@@ -121,7 +137,9 @@ class TestRestore:
         assert first.returncode == 0, first.stderr[-3000:]
         changelog = read_all(bootstrap_servers, changelog_of(topics))
         assert changelog, "the first scorer wrote its state to the changelog"
-        assert {r.headers["streamer.changelog.position"] for r in changelog}
+        values = [r.value for r in changelog if r.value is not None]
+        assert values
+        assert all(value_position(value)[0] is not None for value in values)
 
         publish_events(bootstrap_servers, topics.input, events[3_000:])
         second = run_scorer(env)
@@ -136,6 +154,63 @@ class TestRestore:
         assert all(len(found) == 1 for found in scores.values())
         differing = [tid for tid, found in scores.items() if found != reference[tid]]
         assert differing == [], f"{len(differing)} scores differ from the uninterrupted run"
+
+
+def _history(event_time: int, amount: float, merchant: str, country: str) -> CardHistory:
+    """A card's history after one transaction."""
+    histories: dict[str, CardHistory] = {}
+    out = np.empty((1, len(HISTORY_FEATURES)))
+    history_features(histories, ["c"], [event_time], [amount], [merchant], [country], out)
+    return histories["c"]
+
+
+class TestRestoreLeavesOutUncommittedState:
+    def test_positions_in_values_and_in_headers(
+        self, bootstrap_servers: str, topics: Topics
+    ) -> None:
+        """A restore applies each record whose position the input's committed offset covers, and
+        leaves out the rest, whether the position begins the value (as checkpoints write values),
+        is a tombstone's header, or is the header of a value written before positions moved into
+        values."""
+        settings = Settings(bootstrap_servers=bootstrap_servers, group_id=topics.group)
+        topic = changelog_of(topics)
+        ensure_changelog(settings.admin_config(), topic, topics.input)
+        old, new = _history(1_000, 5.0, "m", "DE"), _history(2_000, 9.0, "n", "FR")
+        old_bytes, new_bytes = CARD_HISTORY_CODEC.encode(old), CARD_HISTORY_CODEC.encode(new)
+
+        def header(position: int) -> list[tuple[str, str | bytes | None]]:
+            return [(CHANGELOG_POSITION, str(position).encode())]
+
+        records: list[tuple[str, bytes | None, list[tuple[str, str | bytes | None]]]] = [
+            ("kept", positioned(4) + old_bytes, []),
+            ("kept", positioned(11) + new_bytes, []),  # past the committed offset 10
+            ("replaced", positioned(3) + old_bytes, []),
+            ("replaced", positioned(10) + new_bytes, []),
+            ("deleted", positioned(2) + old_bytes, []),
+            ("deleted", None, header(9)),
+            ("undeleted", positioned(2) + old_bytes, []),
+            ("undeleted", None, header(12)),  # an uncommitted tombstone
+            ("older", old_bytes, header(8)),
+            ("older-uncommitted", new_bytes, header(30)),
+        ]
+        producer = OutputProducer({"bootstrap.servers": bootstrap_servers})
+        for key, value, headers in records:
+            producer.produce(topic, key.encode(), value, headers, None, 0)
+        assert producer.flush(30) == 0
+
+        store = KeyedStore("card-state", CARD_HISTORY_CODEC, keep_undo=False)
+        restorer = Restorer(settings.changelog_reader_config(), store, topic)
+        try:
+            restorer.start({0: 10})
+            deadline = time.monotonic() + 60
+            while restorer.restoring:
+                assert time.monotonic() < deadline, restorer.restoring
+                restorer.step(0.1)
+        finally:
+            restorer.close()
+        assert store.position(0) == 10
+        assert store.values(0) == {"kept": old, "replaced": new, "undeleted": old, "older": old}
+        assert restorer.records == 7  # the records whose positions are covered
 
 
 class TestTrainingParity:

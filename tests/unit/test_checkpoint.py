@@ -9,6 +9,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamer.errors import DeliveryFailedError, FencedError
+from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka.changelog import value_position
 from streamer.kafka.checkpoint import AtLeastOnce, Changelog, Checkpoint, ExactlyOnce
 from streamer.kafka.clients import OutputProducer
 from streamer.kafka.transactions import AbortableError, Transactions
@@ -81,11 +83,20 @@ class Rig:
         self.checkpoint.maintain()
 
     def changelog(self) -> list[tuple[int | None, bytes | None, bytes | None, str]]:
-        return [
-            (p.partition, p.key, p.value, p.headers["streamer.changelog.position"])
-            for p in self.producer.produced
-            if p.topic == CHANGELOG
-        ]
+        """(partition, key, the store's value, position) of every changelog record produced:
+        a value begins with its position, a tombstone has it in a header."""
+        records: list[tuple[int | None, bytes | None, bytes | None, str]] = []
+        for p in self.producer.produced:
+            if p.topic != CHANGELOG:
+                continue
+            if p.value is None:
+                records.append((p.partition, p.key, None, p.headers[CHANGELOG_POSITION]))
+                continue
+            position, value = value_position(p.value)
+            assert position is not None, "a changelog value begins with its position"
+            assert CHANGELOG_POSITION not in p.headers, "a value's position is not a header too"
+            records.append((p.partition, p.key, value, str(position)))
+        return records
 
     def committed(self) -> list[tuple[Any, ...]]:
         return [event for event in self.events if event[0] == "commit"]

@@ -131,6 +131,13 @@ class TestKafkaPassThrough:
         assert consumer["fetch.queue.backoff.ms"] <= 50
         assert settings.producer_config()["queue.buffering.max.messages"] <= 100_000
 
+    def test_state_readers_do_not_wait_out_full_queue_pauses(self) -> None:
+        """A restore and the serve replica read faster than they apply: a full fetch queue must
+        pause fetching briefly, not for librdkafka's default second."""
+        settings = load_settings()
+        for config in (settings.changelog_reader_config(), settings.replica_reader_config()):
+            assert config["fetch.queue.backoff.ms"] <= 50
+
     def test_exactly_once_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """exactly-once: a transactional producer, no consumer commits, committed input only."""
         monkeypatch.setenv("STREAMER_PROCESSING_GUARANTEE", "exactly-once")
