@@ -587,12 +587,18 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     if args.data is not None:
         if args.seed is not None or args.size is not None:
             raise ConfigError("--seed and --size choose synthetic data; leave them out with --data")
-        card = train_from_file(path, args.data, label_column=args.label_column)
+        card = train_from_file(
+            path,
+            args.data,
+            label_column=args.label_column,
+            progress_interval=settings.progress_interval,
+        )
     else:
         card = train_model(
             path,
             seed=DEFAULT_SEED if args.seed is None else args.seed,
             size=args.size or DEFAULT_TRAINING_SIZE,
+            progress_interval=settings.progress_interval,
         )
     print(f"wrote {path} ({card.name} {card.version}, threshold {card.threshold:.4f})")
     width = max((len(name) for name in card.metrics), default=0)

@@ -61,6 +61,7 @@ from streamer.features import (
 )
 from streamer.files import Progress, build_file_features, load_rows
 from streamer.model.artifact import ModelCard, save_model
+from streamer.progress import DEFAULT_INTERVAL_SECONDS, Heartbeat
 from streamer.synthetic import DEFAULT_EVENTS_PER_DAY, LabelledTransaction, SyntheticWorld
 
 TRAINING_DAYS: Final = 10
@@ -81,6 +82,12 @@ cards-to-events ratio, and so the same per-card history, as the stream it will s
 
 DEFAULT_SEED: Final = 7
 MODEL_NAME: Final = "fraud-hgb"
+
+WITH_HISTORY: Final = "with history"
+"""The design of the model saved, as the fit progress lines name it."""
+WITHOUT_HISTORY: Final = "without history"
+"""The same estimator without the history features, fitted on every run for the card's
+comparison, as the fit progress lines name it."""
 
 MIN_TRAINING_SIZE: Final = 10_000
 """Below this the validation and test splits hold too few frauds to choose or judge anything."""
@@ -156,6 +163,7 @@ def train_model(
     seed: int = DEFAULT_SEED,
     size: int = DEFAULT_TRAINING_SIZE,
     days: int = TRAINING_DAYS,
+    progress_interval: float = DEFAULT_INTERVAL_SECONDS,
 ) -> ModelCard:
     """Train on `days` days of the synthetic world of `seed` (about `size` transactions).
 
@@ -166,6 +174,7 @@ def train_model(
     features (average_precision_without_history, validation_average_precision_without_history).
     Raises `ValueError` when `size` is below `MIN_TRAINING_SIZE`, `days` below
     `MIN_TRAINING_DAYS`, or a split holds no fraud; nothing is written then.
+    `progress_interval`: seconds between the "still fitting" lines of a fit, off a terminal.
     """
     if size < MIN_TRAINING_SIZE:
         raise ValueError(f"size must be at least {MIN_TRAINING_SIZE}, got {size}")
@@ -218,17 +227,23 @@ def train_model(
         rule,
         _day_boundaries(splits, world.start_ms),
         started,
+        progress_interval,
     )
 
 
 def train_from_file(
-    model_path: Path, data_path: Path, *, label_column: str = "is_fraud"
+    model_path: Path,
+    data_path: Path,
+    *,
+    label_column: str = "is_fraud",
+    progress_interval: float = DEFAULT_INTERVAL_SECONDS,
 ) -> ModelCard:
     """Train on the labelled history in `data_path` (see the module docstring); save and return.
 
     Raises `DataFileError` naming the row, column and problem for a bad row, and for a file
     that cannot train a model (a missing column, no fraud at all, fewer rows than the splits
-    need); nothing is written then.
+    need); nothing is written then. `progress_interval`: seconds between progress lines while
+    the features are built and while a fit runs, off a terminal.
     """
     started = time.perf_counter()
     log.info("training_started", data=str(data_path), label_column=label_column)
@@ -239,7 +254,9 @@ def train_from_file(
         )
     with data_path.open("rb") as stream:
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    built = build_file_features(rows, progress=Progress("features", len(rows)))
+    built = build_file_features(
+        rows, progress=Progress("features", len(rows), interval=progress_interval)
+    )
     assert rows.labels is not None  # asked for with label_column
     labels = rows.labels[built.order]
     event_times = built.event_times
@@ -291,7 +308,16 @@ def train_from_file(
         "days": days,
     }
     return _fit_and_save(
-        model_path, built.features, labels, event_times, splits, data, rule, boundaries, started
+        model_path,
+        built.features,
+        labels,
+        event_times,
+        splits,
+        data,
+        rule,
+        boundaries,
+        started,
+        progress_interval,
     )
 
 
@@ -328,13 +354,15 @@ def _fit_and_save(
     rule: str,
     boundaries: dict[str, str],
     started: float,
+    progress_interval: float,
 ) -> ModelCard:
     """Fit on the train split, choose the threshold on validation, evaluate on test, save."""
     count = len(labels)
     train, validation, test = (split.rows for split in splits)
-    log.info("model_fitting", rows=train.stop - train.start, features=len(FEATURE_ORDER))
     fit_started = time.perf_counter()
-    estimator, stopped_at = _fit(features[train], labels[train])
+    estimator, stopped_at = _fit(
+        features[train], labels[train], model=WITH_HISTORY, interval=progress_interval
+    )
     fit_seconds = time.perf_counter() - fit_started
     log.info(
         "model_fitted",
@@ -354,8 +382,9 @@ def _fit_and_save(
     # The same fit without the card's history: what the history features add, on the same rows.
     plain_features = [name for name in FEATURE_ORDER if name not in HISTORY_FEATURES]
     plain = [FEATURE_ORDER.index(name) for name in plain_features]
-    log.info("model_fitting", rows=train.stop - train.start, without_history=True)
-    plain_estimator, plain_stopped_at = _fit(features[train][:, plain], labels[train])
+    plain_estimator, plain_stopped_at = _fit(
+        features[train][:, plain], labels[train], model=WITHOUT_HISTORY, interval=progress_interval
+    )
     for split_name, rows in (("validation_", validation), ("", test)):
         scores = plain_estimator.predict_proba(features[rows][:, plain])[:, 1]
         metrics[f"{split_name}average_precision_without_history"] = float(
@@ -461,7 +490,9 @@ def _iso(millis: int) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
-def _fit(features: np.ndarray, labels: np.ndarray) -> tuple[HistGradientBoostingClassifier, int]:
+def _fit(
+    features: np.ndarray, labels: np.ndarray, *, model: str, interval: float
+) -> tuple[HistGradientBoostingClassifier, int]:
     """Fit with early stopping; keep the trees up to the best validation loss.
 
     Early stopping ends `n_iter_no_change` iterations after the best one and keeps those trailing
@@ -473,16 +504,64 @@ def _fit(features: np.ndarray, labels: np.ndarray) -> tuple[HistGradientBoosting
     threads of a parallel fit wait for each other at every step: with two threads a default
     `streamer train` took six times as long as with one, for the same metrics, while on idle
     cores two threads can at best halve the fit, a fraction of the whole run.
+
+    `model` names the design in the progress lines of each fit (`_fit_once`); `interval` is
+    their heartbeat's.
     """
     with threadpool_limits(limits=1, user_api="openmp"):
-        estimator = HistGradientBoostingClassifier(**HGB_PARAMS).fit(features, labels)
+        estimator = _fit_once(
+            HGB_PARAMS, features, labels, model=model, fit="early stopping", interval=interval
+        )
         stopped_at = int(estimator.n_iter_)
         # validation_score_[i]: the score after i iterations (0: before any); higher is better.
         best = int(np.argmax(estimator.validation_score_))
         if 0 < best < stopped_at:
-            estimator = HistGradientBoostingClassifier(**(HGB_PARAMS | {"max_iter": best}))
-            estimator.fit(features, labels)
+            estimator = _fit_once(
+                HGB_PARAMS | {"max_iter": best},
+                features,
+                labels,
+                model=model,
+                fit="refit to the best iteration",
+                interval=interval,
+            )
     return estimator, stopped_at
+
+
+def _fit_once(
+    params: dict[str, Any],
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    model: str,
+    fit: str,
+    interval: float,
+) -> HistGradientBoostingClassifier:
+    """One fit, with a line as it starts and as it ends, and a heartbeat while it runs.
+
+    A fit of the default training set takes seconds, one of a large file far longer, and
+    scikit-learn says nothing meanwhile: off a terminal a `still_fitting` line every `interval`
+    seconds shows the process is alive. The heartbeat's thread only reads the clock and logs;
+    the estimator, its data and its parameters are the same as without it.
+    """
+    log.info(
+        "fit_started",
+        model=model,
+        fit=fit,
+        rows=len(labels),
+        features=features.shape[1],
+        max_iter=params["max_iter"],
+    )
+    started = time.perf_counter()
+    with Heartbeat("still_fitting", interval=interval, model=model, fit=fit):
+        estimator = HistGradientBoostingClassifier(**params).fit(features, labels)
+    log.info(
+        "fit_ended",
+        model=model,
+        fit=fit,
+        iterations=int(estimator.n_iter_),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return estimator
 
 
 def _max_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

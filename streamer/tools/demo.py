@@ -148,7 +148,7 @@ def run_demo(
     DEMO_DIR.mkdir(exist_ok=True)
     if not settings.model_path.exists():
         print(f"no model at {settings.model_path}: training one (about a minute)...", flush=True)
-        train_model(settings.model_path)
+        train_model(settings.model_path, progress_interval=settings.progress_interval)
     ensure_topics(
         settings.admin_config(),
         [settings.input_topic, settings.output_topic, settings.dlq_topic],

@@ -8,7 +8,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import pytest
 
@@ -29,9 +29,11 @@ from streamer.tools.bench.breakdown import (
 )
 from streamer.tools.bench.harness import (
     STATE_EVENTS_PER_DAY,
+    challenger_seed,
     median_restore,
     median_run,
     new_card_events,
+    run_environment,
 )
 from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
@@ -53,6 +55,7 @@ from streamer.tools.bench.report import (
     plot_latency_cdfs,
     render,
     report_to_json,
+    shadow_cost,
     stage_costs,
 )
 from tests.unit.fakes import Produced, RecordingProducer, app_on_fakes
@@ -83,6 +86,7 @@ def make_report(
     restore_rate: float = 250_000.0,
     file_rate: float = 70_000.0,
     no_metrics: float = 61_000.0,
+    shadowed: float = 45_000.0,
 ) -> Report:
     """A report of a run that took 10 s per throughput run and measured every target."""
     report = Report(
@@ -90,7 +94,12 @@ def make_report(
         duration_seconds=300.0,
         quick=False,
         machine={"cpu": "Test CPU", "cores": "2"},
-        config={"events": 500_000, "partitions": 4, "batch_size": 500},
+        config={
+            "events": 500_000,
+            "partitions": 4,
+            "batch_size": 500,
+            "challenger": {"name": "fraud-hgb", "version": "3.20260101.abcdef12", "seed": 8},
+        },
         preload={"events": 500_000, "seconds": 5.0, "events_per_second": 100_000.0},
     )
     report.throughput = [
@@ -102,6 +111,9 @@ def make_report(
         Throughput(SCORER, "at-least-once", 2, int(two * 10), 10.0, rss - 20, 20.0),
         Throughput(
             SCORER, "at-least-once", 1, int(stateless * 10), 10.0, rss - 30, 11.0, card_state=False
+        ),
+        Throughput(
+            SCORER, "at-least-once", 1, int(shadowed * 10), 10.0, rss + 25, 16.0, shadow=True
         ),
         Throughput(FILE_SCORER, "-", 1, int(file_rate * 10), 10.0, 900.0, 11.0),
         Throughput(
@@ -288,6 +300,21 @@ class TestEvaluateTargets:
         assert target(report, "scorer throughput (at-least-once)").measured == "0.60 x"
         assert report.throughput[1].label == "scorer, no metrics"
 
+    def test_the_shadow_run_is_never_the_scorer_judged(self) -> None:
+        """Listed first, the run with a challenger does not stand in for the scorer users run."""
+        report = make_report(one=60_000.0, shadowed=20_000.0)
+        report.throughput.insert(1, report.throughput.pop(5))
+        report.targets = evaluate_targets(report)
+        assert report.throughput[1].label == "scorer, shadow model"
+        assert target(report, "scorer throughput (at-least-once)").measured == "0.60 x"
+        assert target(report, "metrics on / off throughput").measured == "0.98 x"
+
+    def test_peak_rss_leaves_out_the_second_model(self) -> None:
+        """The challenger's memory is its row's: 300 MB of the scorer users run still passes."""
+        report = make_report(rss=300.0)
+        assert max(run.peak_rss_mb for run in report.throughput if run.shadow) == 325.0
+        assert target(report, "scorer peak RSS").status == "pass"
+
     def test_no_stateless_run_leaves_the_state_ratio_unmeasured(self) -> None:
         report = make_report()
         report.throughput = [run for run in report.throughput if run.card_state]
@@ -326,6 +353,40 @@ class TestThroughput:
         assert Throughput(SCORER, "at-least-once", 1).label == "scorer"
         assert Throughput(SCORER, "at-least-once", 1, card_state=False).label == "scorer, stateless"
         assert Throughput(PASSTHROUGH, "at-least-once", 1, card_state=False).label == PASSTHROUGH
+
+    def test_label_names_the_shadow_model(self) -> None:
+        assert Throughput(SCORER, "at-least-once", 1, shadow=True).label == "scorer, shadow model"
+
+
+class TestShadowCost:
+    def test_against_the_scorer_users_run(self) -> None:
+        """The ratio and the memory are taken against the stateful scorer serving metrics."""
+        cost = shadow_cost(make_report(one=60_000.0, shadowed=45_000.0).throughput)
+        assert cost is not None
+        assert cost.throughput_ratio == pytest.approx(0.75)
+        assert cost.added_peak_rss_mb == pytest.approx(25.0)
+        assert cost.without.label == "scorer"
+
+    def test_not_measured_without_either_run(self) -> None:
+        runs = make_report().throughput
+        assert shadow_cost([run for run in runs if not run.shadow]) is None
+        assert shadow_cost([run for run in runs if run.label != "scorer"]) is None
+
+    def test_said_under_the_throughput_table(self) -> None:
+        text = render(make_report(one=60_000.0, shadowed=45_000.0), markdown=False)
+        [row] = [line for line in text.splitlines() if line.startswith("scorer, shadow model  ")]
+        assert "45,000" in row
+        assert (
+            "  * scorer, shadow model: a challenger (fraud-hgb 3.20260101.abcdef12) scores every"
+            " batch's feature matrix beside the model and its verdicts go to a topic of their"
+            " own; 0.75 x the events/s of the same scorer without one (60,000/s), peak RSS"
+            " +25 MB"
+        ) in text
+
+    def test_nothing_said_when_not_measured(self) -> None:
+        report = make_report()
+        report.throughput = [run for run in report.throughput if not run.shadow]
+        assert "challenger" not in render(report, markdown=True)
 
 
 class TestStateFigures:
@@ -488,8 +549,13 @@ class TestReportJson:
         data = report_to_json(make_report())
         assert [run["card_state"] for run in data["throughput"]] == [True] * 4 + [False] + [
             True
-        ] * 2
-        assert [run["metrics"] for run in data["throughput"]][1:] == [True] * 5 + [False]
+        ] * 3
+        assert [run["metrics"] for run in data["throughput"]][1:] == [True] * 6 + [False]
+        assert [run["shadow"] for run in data["throughput"]] == [False] * 5 + [True] + [False] * 2
+        assert data["shadow_cost"] == {
+            "throughput_ratio": pytest.approx(0.75),
+            "added_peak_rss_mb": pytest.approx(25.0),
+        }
         assert data["restore"]["records_per_second"] == pytest.approx(250_000.0)
         memory = data["state_memory"]
         assert memory["cards"] == 1_000_000
@@ -505,7 +571,9 @@ class TestReportJson:
     def test_state_not_measured_is_null(self) -> None:
         report = make_report()
         report.restore, report.state_memory, report.held_state = None, None, []
+        report.throughput = [run for run in report.throughput if not run.shadow]
         data = json.loads(json.dumps(report_to_json(report), allow_nan=False))
+        assert data["shadow_cost"] is None
         assert data["restore"] is None
         assert data["state_memory"] is None
         assert data["held_state"] == []
@@ -569,6 +637,56 @@ class TestFlags:
             build_parser().parse_args(["run", "--events", "0"])
         assert exit_info.value.code == 2
         assert "must be at least 1" in capsys.readouterr().err
+
+
+BENCH_ENVIRONMENT: Final = {
+    "PATH": "/usr/bin",
+    "STREAMER_KAFKA_LINGER_MS": "5",
+    "STREAMER_SHADOW_MODEL_PATH": "models/mine.skops",
+    "STREAMER_SHADOW_TOPIC": "mine",
+}
+"""The bench's own environment, a challenger of the user's in it."""
+
+
+class TestRunEnvironment:
+    def test_a_run_without_a_challenger_drops_one_set_outside(self) -> None:
+        """A challenger in the bench's own environment would shadow every run."""
+        env = run_environment(
+            BENCH_ENVIRONMENT,
+            guarantee="exactly-once",
+            card_state=False,
+            metrics_port=0,
+            shadow=None,
+        )
+        assert "STREAMER_SHADOW_MODEL_PATH" not in env
+        assert "STREAMER_SHADOW_TOPIC" not in env
+        assert env["STREAMER_KAFKA_LINGER_MS"] == "5"
+        assert env["PATH"] == "/usr/bin"
+        assert env["STREAMER_PROCESSING_GUARANTEE"] == "exactly-once"
+        assert env["STREAMER_CARD_STATE"] == "false"
+        assert env["STREAMER_METRICS_PORT"] == "0"
+
+    def test_the_shadow_run_names_its_challenger_and_topic(self) -> None:
+        env = run_environment(
+            BENCH_ENVIRONMENT,
+            guarantee="at-least-once",
+            card_state=True,
+            metrics_port=9999,
+            shadow=(Path("/results/challenger.skops"), "bench-1-shadow"),
+        )
+        assert env["STREAMER_SHADOW_MODEL_PATH"] == "/results/challenger.skops"
+        assert env["STREAMER_SHADOW_TOPIC"] == "bench-1-shadow"
+        assert env["STREAMER_METRICS_PORT"] == "9999"
+
+
+class TestChallengerSeed:
+    def test_the_models_seed_plus_one(self) -> None:
+        assert challenger_seed({"seed": 7, "size": 250_000}) == 8
+        assert challenger_seed({"seed": 8}) == 9
+
+    def test_a_model_without_a_seed_gets_the_defaults_plus_one(self) -> None:
+        """Trained on a file or imported: the challenger is still not the default model."""
+        assert challenger_seed({"data": "history.parquet"}) == 8
 
 
 class TestSourceOf:

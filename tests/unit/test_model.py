@@ -23,7 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.tree import DecisionTreeClassifier
-from threadpoolctl import threadpool_info
+from structlog.testing import capture_logs
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from streamer.errors import ConfigError, ModelRefusedError
 from streamer.features import FEATURE_ORDER, HISTORY_FEATURES, build_features
@@ -38,11 +39,14 @@ from streamer.model.artifact import (
 )
 from streamer.model.scorer import Scorer
 from streamer.model.train import (
+    HGB_PARAMS,
     MIN_TRAINING_DAYS,
     TEST_DAYS,
     THRESHOLD_RULE,
     TRAINING_DAYS,
     VALIDATION_DAYS,
+    WITH_HISTORY,
+    _fit,
     split_by_day,
     train_model,
 )
@@ -245,6 +249,59 @@ class TestTrainModel:
         with pytest.raises(ValueError, match="days"):
             train_model(tmp_path / "m.skops", size=20_000, days=MIN_TRAINING_DAYS - 1)
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def labelled() -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a small synthetic world, in event-time order."""
+    events = list(SyntheticWorld(TEST_SEED).generate(TEST_TRAINING_SIZE))
+    features = build_features([event.record for event in events])
+    return features, np.array([event.is_fraud for event in events])
+
+
+class TestFitProgress:
+    def test_heartbeats_leave_the_fit_as_it_was(
+        self, labelled: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """Beating every millisecond, the fit is the plain one: same trees, same predictions."""
+        features, labels = labelled
+        with capture_logs():
+            fitted, stopped_at = _fit(features, labels, model=WITH_HISTORY, interval=0.001)
+        # The fit as written before it reported progress.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            plain = HistGradientBoostingClassifier(**HGB_PARAMS).fit(features, labels)
+            best = int(np.argmax(plain.validation_score_))
+            assert 0 < best < plain.n_iter_  # the refit is part of what is compared
+            assert stopped_at == plain.n_iter_
+            plain = HistGradientBoostingClassifier(**(HGB_PARAMS | {"max_iter": best}))
+            plain.fit(features, labels)
+        assert fitted.n_iter_ == plain.n_iter_
+        for ours, theirs in zip(fitted._predictors, plain._predictors, strict=True):
+            assert np.array_equal(ours[0].nodes, theirs[0].nodes)
+        assert np.array_equal(fitted.predict_proba(features), plain.predict_proba(features))
+
+    def test_each_fit_says_when_it_starts_and_ends(
+        self, labelled: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """The early-stopping fit and the refit: design, rows and features, then seconds."""
+        features, labels = labelled
+        with capture_logs() as logs:
+            estimator, stopped_at = _fit(features, labels, model=WITH_HISTORY, interval=3600)
+        lines = [entry for entry in logs if entry["event"] in {"fit_started", "fit_ended"}]
+        assert [(entry["event"], entry["fit"]) for entry in lines] == [
+            ("fit_started", "early stopping"),
+            ("fit_ended", "early stopping"),
+            ("fit_started", "refit to the best iteration"),
+            ("fit_ended", "refit to the best iteration"),
+        ]
+        assert {entry["model"] for entry in lines} == {WITH_HISTORY}
+        started, ended = lines[0], lines[3]
+        assert (started["rows"], started["features"]) == (len(labels), len(FEATURE_ORDER))
+        assert lines[1]["iterations"] == stopped_at
+        assert ended["iterations"] == estimator.n_iter_
+        assert lines[2]["max_iter"] == estimator.n_iter_
+        assert all(entry["seconds"] >= 0 for entry in (lines[1], ended))
+        assert not [entry for entry in logs if entry["event"] == "still_fitting"]
 
 
 class TestSaveModel:

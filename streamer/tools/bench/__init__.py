@@ -2,9 +2,10 @@
 
 `python -m streamer.tools.bench run` preloads synthetic events and measures, in one run: the
 throughput of a pass-through (the limit) and of `streamer run` in both guarantee modes, with card
-state and without it, end-to-end latency at fixed rates for both processors, the scorer's peak
-memory, scale-out to two processes, how fast a scorer restores card state from its changelog,
-what a million cards in state cost in memory, and the per-record cost of each hot-loop stage.
+state and without it, and with a challenger model scored beside its model, end-to-end latency at
+fixed rates for both processors, the scorer's peak memory, scale-out to two processes, how fast a
+scorer restores card state from its changelog, what a million cards in state cost in memory, and
+the per-record cost of each hot-loop stage.
 `python -m streamer.tools.bench passthrough` is the limit itself, run as a process of its own.
 See `harness` for how each number is taken.
 """

@@ -30,6 +30,13 @@ How each number is taken, and why:
   users run it, and the bench scrapes each one's `/metrics` every `SCRAPE_SECONDS` (what a
   Prometheus server would cost it, many times over); one more throughput run with metrics off
   (`STREAMER_METRICS_PORT=0`) is the baseline of the metrics cost.
+- **Shadow scoring.** One more throughput run with a challenger beside the model
+  (`STREAMER_SHADOW_MODEL_PATH`), its verdicts produced to a shadow topic of the run's own,
+  created as the other topics are; its events/s against the scorer's without one is what a
+  challenger costs. The challenger is trained at the start of the run by `streamer train` in a
+  process of its own, with the model's training seed plus one: the same code and settings as
+  the model `scripts/bench` trains, a model of the same kind, not the same file. The run checks
+  that the challenger loaded and gave a verdict for every input.
 - **State memory.** `state_cards` events, each of a card never seen before, drained by a
   stateful and a stateless scorer (measured as throughput runs): the difference of their peak
   RSS over the cards is what the state costs a card, for the smallest history there is (one
@@ -83,6 +90,7 @@ from streamer.cli import tune_garbage_collector
 from streamer.kafka.changelog import changelog_topic, ensure_changelog
 from streamer.kafka.clients import OutputProducer
 from streamer.model.scorer import Scorer
+from streamer.model.train import DEFAULT_SEED
 from streamer.progress import Progress
 from streamer.serde import encode_transaction
 from streamer.settings import Settings
@@ -162,6 +170,10 @@ busy as a card of the default world, so a sample of histories without 30 days of
 world's 750,000 events."""
 HISTORY_WORLD_DAYS: Final = 35.0
 """Past the longest window (30 days), so every part of a history has reached its usual size."""
+CHALLENGER_TRAIN_TIMEOUT: Final = 900.0
+"""Longest wait for `streamer train` to write the challenger (about 20 s on two idle cores)."""
+SHADOW_VARIABLES: Final = ("STREAMER_SHADOW_MODEL_PATH", "STREAMER_SHADOW_TOPIC")
+"""Set for the shadow run only, whatever the bench's own environment holds."""
 STATE_EVENTS_PER_DAY: Final = 1_000_000.0
 """Clock of the state memory run's events, whatever their number: they must span less than the
 30 days after which an idle card's history expires, or the state would lose its first cards."""
@@ -204,6 +216,11 @@ class Bench:
     scrapers: list[Scraper] = field(default_factory=list)
     latency_samples: dict[tuple[str, float], list[float]] = field(default_factory=dict)
 
+    @property
+    def challenger_path(self) -> Path:
+        """The shadow run's challenger artefact (`train_challenger` writes it)."""
+        return self.out_dir / "challenger.skops"
+
     def topic(self, role: str) -> str:
         name = f"bench-{self.run_id}-{role}"
         self.topics.append(name)
@@ -223,13 +240,15 @@ class Bench:
         guarantee: str = "at-least-once",
         card_state: bool = True,
         metrics: bool = True,
+        shadow_topic: str | None = None,
         until_idle: float | None = None,
     ) -> ChildProcess:
         """Start `streamer run` (kind `scorer`) or the pass-through with the same flags.
 
         For a scorer with `card_state`, the group's changelog topic is created first, as
         `streamer topics create` creates it before a deployment's first scorer, and deleted with
-        the bench's own topics at the end.
+        the bench's own topics at the end. With `shadow_topic`, the scorer scores the challenger
+        (`challenger_path`) beside its model and produces its verdicts there.
         """
         common = [
             "--bootstrap-servers",
@@ -258,15 +277,15 @@ class Bench:
             ]
         else:
             command = [sys.executable, "-m", "streamer.tools.bench", "passthrough"]
-        # Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee and whether the
-        # scorer keeps card state are the run's own.
         metrics_port = free_port() if kind == SCORER and metrics else 0
-        env = {
-            **os.environ,
-            "STREAMER_PROCESSING_GUARANTEE": guarantee,
-            "STREAMER_CARD_STATE": "true" if card_state else "false",
-            "STREAMER_METRICS_PORT": str(metrics_port),
-        }
+        shadow = None if shadow_topic is None else (self.challenger_path, shadow_topic)
+        env = run_environment(
+            os.environ,
+            guarantee=guarantee,
+            card_state=card_state,
+            metrics_port=metrics_port,
+            shadow=shadow,
+        )
         if kind == SCORER and card_state:
             changelog = changelog_topic(group, CARD_STORE)
             if changelog not in self.topics:
@@ -407,25 +426,30 @@ class Bench:
         processes: int = 1,
         card_state: bool = True,
         metrics: bool = True,
+        shadow: bool = False,
         repeat: int = 0,
         tag: str = "",
     ) -> tuple[Throughput, _Drain]:
         """One drain of `input_topic` by `processes` processors in one group.
 
         `card_state` False runs the scorer without state (`STREAMER_CARD_STATE=false`),
-        `metrics` False without metrics (`STREAMER_METRICS_PORT=0`); `tag` tells apart the
-        topics and group of runs over different inputs.
+        `metrics` False without metrics (`STREAMER_METRICS_PORT=0`), `shadow` True with the
+        challenger beside its model (then every input must have a challenger verdict too); `tag`
+        tells apart the topics and group of runs over different inputs.
         """
         stateless = kind == SCORER and not card_state
         quiet = kind == SCORER and not metrics
+        shadowed = kind == SCORER and shadow
         label = (
             f"{kind}-{guarantee}-x{processes}"
             + ("-stateless" if stateless else "")
             + ("-nometrics" if quiet else "")
+            + ("-shadow" if shadowed else "")
             + (f"-{tag}" if tag else "")
             + (f"-{repeat + 1}" if repeat else "")
         )
         output, dlq = self.topic(f"{label}-out"), self.topic(f"{label}-dlq")
+        shadow_topic = self.topic(f"{label}-shadow") if shadowed else None
         group = f"bench-{self.run_id}-{label}"
         admin = self.settings.admin_config()
         partitions = self.options.partitions
@@ -435,7 +459,9 @@ class Bench:
             partitions=partitions,
             config={"message.timestamp.type": "LogAppendTime"},
         )
-        create_topics(admin, [dlq], partitions=partitions)
+        create_topics(
+            admin, [dlq] if shadow_topic is None else [dlq, shadow_topic], partitions=partitions
+        )
         log(f"throughput: {label}")
         started = [
             self.start(
@@ -448,6 +474,7 @@ class Bench:
                 guarantee=guarantee,
                 card_state=card_state,
                 metrics=metrics,
+                shadow_topic=shadow_topic,
                 until_idle=self.options.until_idle,
             )
             for index in range(processes)
@@ -474,6 +501,8 @@ class Bench:
                 raise failed(process, status)
         if kind == SCORER:
             self._check_consumed(label, started, sum(sizes.values()))
+        if shadow_topic is not None:
+            self._check_shadowed(label, started, shadow_topic, sum(sizes.values()))
         peak = max((p.peak_rss_mb for p in started), default=math.nan)
         cpu = sum(p.cpu_seconds or 0.0 for p in started)
         dead_letters = sum(partition_sizes(self.settings, dlq).values())
@@ -507,6 +536,7 @@ class Bench:
             note="; ".join(notes),
             card_state=card_state if kind == SCORER else False,
             metrics=metrics if kind == SCORER else False,
+            shadow=shadowed,
         )
         log(
             f"{label}: {result.events_per_second:,.0f} events/s over {seconds:.1f} s, "
@@ -537,6 +567,56 @@ class Bench:
             f"{restores or 'no'} s, counted as idle (from the partition assignment).\n"
             f"{started[0].log_tail()}"
         )
+
+    def _check_shadowed(
+        self, label: str, started: Sequence[ChildProcess], topic: str, records: int
+    ) -> None:
+        """Fail unless the challenger loaded, stayed on and gave a verdict for every input.
+
+        A challenger refused at start-up or switched off mid-run leaves the scorer scoring alone,
+        which would show a challenger as costing nothing.
+        """
+        loaded = all(process.logged("shadow model loaded") for process in started)
+        shadowed = sum(partition_sizes(self.settings, topic).values())
+        if loaded and shadowed >= records:
+            return
+        raise BenchError(
+            f"{label}: the challenger gave {shadowed:,} verdicts for {records:,} records"
+            f" ({'loaded' if loaded else 'not loaded'}).\n{started[0].log_tail()}"
+        )
+
+    def train_challenger(self, model: Scorer) -> Scorer:
+        """`streamer train` of the shadow run's challenger, in a process of its own.
+
+        The model's training on another world: its seed plus one (`challenger_seed`), the
+        default size and days, written to `challenger_path` with its card.
+        """
+        seed = challenger_seed(model.card.training)
+        log(f"challenger: streamer train --seed {seed}")
+        command = [
+            sys.executable,
+            "-m",
+            "streamer",
+            "train",
+            "--model-path",
+            str(self.challenger_path),
+            "--seed",
+            str(seed),
+            "--log-format",
+            "json",
+        ]
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        process = ChildProcess(
+            "challenger-train", command, dict(os.environ), logs / "challenger-train.log"
+        )
+        self.processes.append(process)
+        status = process.wait(CHALLENGER_TRAIN_TIMEOUT)
+        if status != 0:
+            raise failed(process, status)
+        challenger = Scorer.from_path(self.challenger_path)
+        log(f"challenger: {challenger.name} {challenger.version} beside {model.version}")
+        return challenger
 
     def file_score(self) -> Throughput:
         """`streamer score` over a Parquet file of the preloaded events, in a process of its own."""
@@ -777,11 +857,14 @@ class Bench:
             duration_seconds=math.nan,
             quick=options.quick,
             machine=machine_info(options.kafka_version),
-            config=self.config_snapshot(scorer),
+            config={},
             preload={},
         )
         phases = report.phase_seconds
         try:
+            with timed(phases, "challenger"):
+                challenger = self.train_challenger(scorer)
+            report.config = self.config_snapshot(scorer, challenger)
             with timed(phases, "preload"):
                 input_topic, sizes, report.preload = self.preload(
                     "input", options.events, SyntheticWorld(options.seed).generate(options.events)
@@ -792,18 +875,21 @@ class Bench:
             report.breakdown = stage_costs(times.wall, times.cpu, report.breakdown_records)
             with timed(phases, "state held"):
                 report.held_state = self.held_state()
-            # (kind, guarantee, processes, card state, metrics): the scorer as users run it,
-            # with card state and metrics, in both modes and two processes; without state once
-            # and without metrics once, as their baselines.
+            # (kind, guarantee, processes, card state, metrics, shadow): the scorer as users run
+            # it, with card state and metrics, in both modes and two processes; without state
+            # once and without metrics once, as their baselines; with a challenger once, whose
+            # baseline is the scorer as users run it.
+            users_scorer = (SCORER, "at-least-once", 1, True, True, False)
             runs = (
-                (PASSTHROUGH, "at-least-once", 1, False, False),
-                (SCORER, "at-least-once", 1, True, True),
-                (SCORER, "at-least-once", 1, False, True),
-                (SCORER, "at-least-once", 1, True, False),
-                (SCORER, "exactly-once", 1, True, True),
-                (SCORER, "at-least-once", 2, True, True),
+                (PASSTHROUGH, "at-least-once", 1, False, False, False),
+                users_scorer,
+                (SCORER, "at-least-once", 1, False, True, False),
+                (SCORER, "at-least-once", 1, True, False, False),
+                (SCORER, "at-least-once", 1, True, True, True),
+                (SCORER, "exactly-once", 1, True, True, False),
+                (SCORER, "at-least-once", 2, True, True, False),
             )
-            repeats: dict[tuple[str, str, int, bool, bool], list[Throughput]] = {
+            repeats: dict[tuple[str, str, int, bool, bool, bool], list[Throughput]] = {
                 r: [] for r in runs
             }
             stateful_drains: list[_Drain] = []
@@ -813,7 +899,7 @@ class Bench:
                         done = repeats[run]
                         if done and not done[0].available:
                             continue
-                        kind, guarantee, processes, card_state, metrics = run
+                        kind, guarantee, processes, card_state, metrics, shadow = run
                         result, drain = self.throughput(
                             kind,
                             input_topic,
@@ -822,10 +908,11 @@ class Bench:
                             processes=processes,
                             card_state=card_state,
                             metrics=metrics,
+                            shadow=shadow,
                             repeat=repeat,
                         )
                         done.append(result)
-                        if run == (SCORER, "at-least-once", 1, True, True):
+                        if run == users_scorer:
                             stateful_drains.append(drain)
             report.throughput = [median_run(done) for done in repeats.values()]
             with timed(phases, "file score"):
@@ -847,7 +934,7 @@ class Bench:
         report.targets = evaluate_targets(report)
         return report
 
-    def config_snapshot(self, scorer: Scorer) -> dict[str, Any]:
+    def config_snapshot(self, scorer: Scorer, challenger: Scorer) -> dict[str, Any]:
         """What shapes the numbers (no secrets: only these client settings are shown)."""
         options, settings = self.options, self.settings
         producer = settings.producer_config()
@@ -867,6 +954,11 @@ class Bench:
             "batch_size": settings.batch_size,
             "poll_timeout": settings.poll_timeout,
             "model": {"name": scorer.name, "version": scorer.version},
+            "challenger": {
+                "name": challenger.name,
+                "version": challenger.version,
+                "seed": challenger.card.training["seed"],
+            },
             "producer": {
                 key: str(producer[key])
                 for key in (
@@ -884,6 +976,42 @@ class Bench:
                 if key in consumer
             },
         }
+
+
+def run_environment(
+    base: Mapping[str, str],
+    *,
+    guarantee: str,
+    card_state: bool,
+    metrics_port: int,
+    shadow: tuple[Path, str] | None,
+) -> dict[str, str]:
+    """The environment of a processor: `base` with the run's own settings.
+
+    Children inherit STREAMER_* (e.g. STREAMER_KAFKA_*); the guarantee, whether the scorer keeps
+    card state, its metrics port and its challenger are the run's own. `shadow`: the challenger's
+    artefact and the topic of its verdicts, for the shadow run; for any other run a challenger
+    set in `base` is left out.
+    """
+    env = {name: value for name, value in base.items() if name not in SHADOW_VARIABLES}
+    env |= {
+        "STREAMER_PROCESSING_GUARANTEE": guarantee,
+        "STREAMER_CARD_STATE": "true" if card_state else "false",
+        "STREAMER_METRICS_PORT": str(metrics_port),
+    }
+    if shadow is not None:
+        model_path, topic = shadow
+        env |= {"STREAMER_SHADOW_MODEL_PATH": str(model_path), "STREAMER_SHADOW_TOPIC": topic}
+    return env
+
+
+def challenger_seed(training: Mapping[str, Any]) -> int:
+    """The seed of the challenger's world: the model's seed plus one, so never the model's own.
+
+    A model trained on a file or imported has no seed: the default's plus one then.
+    """
+    seed = training.get("seed")
+    return (seed if isinstance(seed, int) else DEFAULT_SEED) + 1
 
 
 @contextlib.contextmanager

@@ -84,6 +84,9 @@ class Throughput:
     """
     metrics: bool = True
     """The scorer served metrics (`STREAMER_METRICS_PORT`); False for the metrics-cost baseline."""
+    shadow: bool = False
+    """A challenger scored beside the scorer's model (`STREAMER_SHADOW_MODEL_PATH`), its verdicts
+    produced to a shadow topic; True only for the run that measures what that costs."""
 
     @property
     def events_per_second(self) -> float:
@@ -93,7 +96,7 @@ class Throughput:
 
     @property
     def label(self) -> str:
-        """The processor, and what the scorer left out: "scorer, stateless, no metrics"."""
+        """The processor, what the scorer left out and what it added: "scorer, stateless"."""
         if self.name == PASSTHROUGH:
             return self.name
         left_out = [
@@ -101,7 +104,8 @@ class Throughput:
             for what, kept in (("stateless", self.card_state), ("no metrics", self.metrics))
             if not kept
         ]
-        return ", ".join([self.name, *left_out])
+        added = ["shadow model"] if self.shadow else []
+        return ", ".join([self.name, *left_out, *added])
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,20 +283,50 @@ def _find_throughput(
     *,
     card_state: bool | None = None,
     metrics: bool | None = True,
+    shadow: bool = False,
 ) -> Throughput | None:
     """The run of that processor, guarantee and process count; `card_state` None: either.
 
-    `metrics`: whether the scorer served metrics (None: either); by default the scorer as users
-    run it, serving them.
+    `metrics`: whether the scorer served metrics (None: either); `shadow`: whether a challenger
+    scored beside it. By default the scorer as users run it: serving metrics, no challenger.
     """
     for run in runs:
         if (
             (run.name, run.guarantee, run.processes) == (name, guarantee, processes)
             and (card_state is None or run.card_state == card_state)
             and (metrics is None or run.name == PASSTHROUGH or run.metrics == metrics)
+            and run.shadow == shadow
         ):
             return run
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowCost:
+    """The scorer with a challenger beside its model against the same scorer without one."""
+
+    with_shadow: Throughput
+    without: Throughput
+    """The scorer users run (card state, metrics, at-least-once, one process), same drains."""
+
+    @property
+    def throughput_ratio(self) -> float:
+        """Events/s with the challenger over events/s without it."""
+        without = self.without.events_per_second
+        return self.with_shadow.events_per_second / without if without > 0 else math.nan
+
+    @property
+    def added_peak_rss_mb(self) -> float:
+        return self.with_shadow.peak_rss_mb - self.without.peak_rss_mb
+
+
+def shadow_cost(runs: Sequence[Throughput]) -> ShadowCost | None:
+    """What a challenger costs the scorer users run; None when either run is missing."""
+    with_shadow = _find_throughput(runs, SCORER, "at-least-once", 1, card_state=True, shadow=True)
+    without = _find_throughput(runs, SCORER, "at-least-once", 1, card_state=True)
+    if with_shadow is None or without is None or not with_shadow.available:
+        return None
+    return ShadowCost(with_shadow, without)
 
 
 def _find_latency(runs: Sequence[Latency], processor: str, rate: float) -> Latency | None:
@@ -310,7 +344,8 @@ def evaluate_targets(report: Report) -> list[Target]:
     """Every target, each pass, FAIL, or n/a when the run did not measure it.
 
     The scorer of the first four is the one users run, with card state; the stateless scorer is
-    only the baseline of the state's own targets, which follow.
+    only the baseline of the state's own targets, which follow. A challenger's cost has no
+    target: `shadow_cost` gives it, and the throughput section says it.
     """
     runs = report.throughput
     limit = _find_throughput(runs, PASSTHROUGH, "at-least-once", 1)
@@ -330,7 +365,12 @@ def evaluate_targets(report: Report) -> list[Target]:
 
     goal = f"<= {MAX_PEAK_RSS_MB:.0f} MB"
     name = "scorer peak RSS"
-    peaks = [r.peak_rss_mb for r in runs if r.name == SCORER and not math.isnan(r.peak_rss_mb)]
+    # A challenger is a second model, loaded by choice: its memory is its own row's figure.
+    peaks = [
+        r.peak_rss_mb
+        for r in runs
+        if r.name == SCORER and not r.shadow and not math.isnan(r.peak_rss_mb)
+    ]
     if not peaks:
         targets.append(Target(name, goal, "not measured", "n/a"))
     else:
@@ -600,6 +640,22 @@ def _run_notes(runs: Sequence[Throughput]) -> list[str]:
     return [f"{run.label} {run.guarantee} x{run.processes}: {run.note}" for run in runs if run.note]
 
 
+def _shadow_note(report: Report) -> list[str]:
+    """What the challenger costs, against the same scorer without one, when both were measured."""
+    cost = shadow_cost(report.throughput)
+    if cost is None:
+        return []
+    challenger = report.config.get("challenger", {})
+    named = f" ({challenger['name']} {challenger['version']})" if challenger else ""
+    added = "-" if math.isnan(cost.added_peak_rss_mb) else f"{cost.added_peak_rss_mb:+,.0f}"
+    return [
+        f"{cost.with_shadow.label}: a challenger{named} scores every batch's feature matrix"
+        " beside the model and its verdicts go to a topic of their own;"
+        f" {_number(cost.throughput_ratio, 2)} x the events/s of the same scorer without one"
+        f" ({_number(cost.without.events_per_second)}/s), peak RSS {added} MB"
+    ]
+
+
 def _breakdown_note(report: Report) -> str:
     note = (
         f"{report.breakdown_records:,} records in batches of "
@@ -653,7 +709,7 @@ def _sections(report: Report) -> list[_Section]:
                 "peak RSS MB",
             ],
             _throughput_rows(report),
-            _run_notes(report.throughput),
+            _run_notes(report.throughput) + _shadow_note(report),
         ),
         _Section(
             "Latency",
@@ -763,6 +819,15 @@ def report_to_json(report: Report) -> dict[str, Any]:
         shown["missing"] = latency.missing
     if report.restore is not None:
         data["restore"]["records_per_second"] = report.restore.records_per_second
+    cost = shadow_cost(report.throughput)
+    data["shadow_cost"] = (
+        None
+        if cost is None
+        else {
+            "throughput_ratio": cost.throughput_ratio,
+            "added_peak_rss_mb": cost.added_peak_rss_mb,
+        }
+    )
     memory = report.state_memory
     if memory is not None:
         shown_memory = data["state_memory"]
