@@ -41,9 +41,9 @@ MIN_STATE_RATIO: Final = 0.7
 MIN_RESTORE_RATE: Final = 200_000.0
 """Changelog records per second a scorer applies when it restores card state."""
 MAX_STATEFUL_P99_EXCESS_MS: Final = 10.0
+"""The stateful scorer's p99 at `LATENCY_RATE` may exceed the pass-through's by this many ms."""
 MIN_METRICS_RATIO: Final = 0.95
 """The scorer serving metrics reaches at least this share of its throughput without them."""
-"""The stateful scorer's p99 at `LATENCY_RATE` may exceed the pass-through's by this many ms."""
 MIN_FILE_SCORE_RATIO: Final = 1.0
 """`streamer score` over a file of the preloaded events reaches at least the stateful scorer's
 events/s (at-least-once, one process)."""
