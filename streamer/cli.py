@@ -546,10 +546,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         log.info(
             "scorer starting",
             config=settings.loggable(),
-            model_name=scorer.name,
-            model_version=scorer.version,
-            model_sha256=scorer.sha256,
-            threshold=scorer.threshold,
+            **scorer.log_fields(),
         )
         app = ScoringApp.create(settings, scorer, metrics)
         if metrics is not None and server is not None:

@@ -68,6 +68,15 @@ class Scorer:
         """Decision threshold in use: a score >= threshold means fraud."""
         return self._threshold
 
+    def log_fields(self) -> dict[str, str | float]:
+        """The model in use as log fields: name, version, sha256 and threshold."""
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "model_sha256": self.sha256,
+            "threshold": self.threshold,
+        }
+
     @property
     def card(self) -> ModelCard:
         """The model card the artefact was verified against."""

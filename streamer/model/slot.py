@@ -154,10 +154,7 @@ class ModelSlot:
         self.reloads += 1
         log.info(
             "model reloaded",
-            model_name=new.name,
-            model_version=new.version,
-            model_sha256=new.sha256,
-            threshold=new.threshold,
+            **new.log_fields(),
             previous_version=old.version,
             previous_threshold=old.threshold,
         )

@@ -54,10 +54,7 @@ def build_app(settings: Settings, scorer: Scorer | None = None) -> FastAPI:
         "server starting",
         config=settings.loggable(),
         changelog_topic=replica.topic,
-        model_name=scorer.name,
-        model_version=scorer.version,
-        model_sha256=scorer.sha256,
-        threshold=scorer.threshold,
+        **scorer.log_fields(),
         pid=os.getpid(),
     )
     return create_app(

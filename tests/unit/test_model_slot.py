@@ -37,11 +37,15 @@ class Clock:
 
 
 class FakeScorer:
-    """What the slot needs of a scorer: a version, a sha256, a threshold and `score`."""
+    """What the slot needs of a scorer: a version, a sha256, a threshold, `log_fields` and
+    `score`."""
 
     def __init__(self, version: str, *, fails: bool = False, score: float = 0.5) -> None:
         self.name, self.version, self.sha256, self.threshold = "m", version, version, 0.5
         self._fails, self._score = fails, score
+
+    def log_fields(self) -> dict[str, str | float]:
+        return {"model_name": self.name, "model_version": self.version}
 
     def score(self, features: np.ndarray) -> np.ndarray:
         if self._fails:
