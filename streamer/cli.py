@@ -519,6 +519,16 @@ def _dlq_topic(settings: Settings) -> dict[str, str]:
     return {settings.dlq_topic: "the dead letters: STREAMER_DLQ_TOPIC or --dlq-topic"}
 
 
+def _shadow_topic(settings: Settings) -> dict[str, str]:
+    """The challenger's verdicts, when a challenger is configured (else nothing to check)."""
+    if settings.shadow_model_path is None:
+        return {}
+    return {
+        settings.shadow_topic: "the challenger's verdicts: STREAMER_SHADOW_TOPIC, written "
+        "because STREAMER_SHADOW_MODEL_PATH is set"
+    }
+
+
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from streamer.metrics import HealthServer, ScorerMetrics
 
@@ -534,7 +544,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         _connect(
             settings,
-            {**_input_topic(settings), **_output_topic(settings), **_dlq_topic(settings)},
+            {
+                **_input_topic(settings),
+                **_output_topic(settings),
+                **_dlq_topic(settings),
+                **_shadow_topic(settings),
+            },
             allow_auto_create=args.allow_auto_create,
         )
         from streamer.app import ScoringApp

@@ -112,6 +112,27 @@ class TestMissingTopics:
         assert "--allow-auto-create" in str(event["error"])
         assert existing(bootstrap_servers, [missing]) == set()
 
+    def test_run_with_a_challenger_exits_2_naming_a_missing_shadow_topic(
+        self, bootstrap_servers: str, topics: Topics, tmp_path: Path
+    ) -> None:
+        """A challenger's verdict topic is checked like the others: without it an exactly-once
+        scorer would abort every transaction, an at-least-once one lose the shadow verdicts."""
+        missing = f"nowhere-{uuid.uuid4().hex[:12]}"
+        env = scorer_env(
+            bootstrap_servers,
+            topics,
+            tmp_path / "no-model.skops",
+            STREAMER_SHADOW_MODEL_PATH=str(tmp_path / "no-challenger.skops"),
+            STREAMER_SHADOW_TOPIC=missing,
+        )
+        result = streamer(env, "run", "--until-idle", "1")
+        assert result.returncode == 2, result.stderr[-2000:]
+        (event,) = log_events(result.stderr)
+        assert event["event"] == "missing topic"
+        assert f"topic '{missing}'" in str(event["error"])
+        assert "STREAMER_SHADOW_TOPIC" in str(event["error"])
+        assert existing(bootstrap_servers, [missing]) == set()
+
     @pytest.mark.parametrize(
         ("command", "variable"),
         [
