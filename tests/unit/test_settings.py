@@ -133,10 +133,11 @@ class TestKafkaPassThrough:
 
     def test_state_readers_do_not_wait_out_full_queue_pauses(self) -> None:
         """A restore and the serve replica read faster than they apply: a full fetch queue must
-        pause fetching briefly, not for librdkafka's default second."""
+        pause fetching briefly, not for librdkafka's default second, and stay small."""
         settings = load_settings()
         for config in (settings.changelog_reader_config(), settings.replica_reader_config()):
             assert config["fetch.queue.backoff.ms"] <= 50
+            assert config["queued.max.messages.kbytes"] <= 16384
 
     def test_exactly_once_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """exactly-once: a transactional producer, no consumer commits, committed input only."""
