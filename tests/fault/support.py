@@ -1,4 +1,5 @@
-"""Fault-suite helpers: a paced feed, scorer processes to kill, and the checks of every case.
+"""Fault-suite helpers: a paced feed, scorer processes and private brokers to kill, and the checks
+of every case.
 
 Every case reconciles with `streamer audit --json`, the same command users run, and records its
 counts with `record` so the suite can print one table per run (see conftest.py). The crash cases
@@ -12,14 +13,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import pytest
 
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.clients import OutputProducer
@@ -27,7 +32,7 @@ from streamer.serde import decode_verdict
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import ProduceReport, publish
-from tests.conftest import ROOT, Topics
+from tests.conftest import KAFKA_LOCAL, ROOT, Topics
 from tests.integration.support import (
     committed_offsets,
     end_offsets,
@@ -73,6 +78,100 @@ def static_member(slot: str) -> dict[str, str]:
 
 def record(case: str, mode: str, **values: Any) -> None:
     RESULTS.append({"case": case, "mode": mode, **values})
+
+
+# -- a private broker or cluster, to fail at will -------------------------------------------------
+
+SCRIPT_TIMEOUT: Final = 300.0
+"""How long one `scripts/kafka-local` command on a private broker may take."""
+START_ATTEMPTS: Final = 3
+
+
+@dataclass(frozen=True)
+class PrivateKafka:
+    """A broker (`nodes` 1) or cluster (3) that `scripts/kafka-local` runs for one test module,
+    on ports that were free and in a temporary folder: nobody else uses it, so it can be killed."""
+
+    env: dict[str, str]
+    bootstrap: str
+    first_port: int
+    nodes: int
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`scripts/kafka-local ARGS` on this broker or cluster; fails the test if it fails."""
+        result = subprocess.run(
+            [str(KAFKA_LOCAL), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        assert result.returncode == 0, f"kafka-local {' '.join(args)}:\n{result.stderr[-3000:]}"
+        return result
+
+    def node_of(self, broker_port: int) -> int:
+        """Node I of kafka-local listens on KAFKA_LOCAL_PORT + I - 1."""
+        node = broker_port - self.first_port + 1
+        assert 1 <= node <= self.nodes, f"port {broker_port} is not one of this cluster's brokers"
+        return node
+
+    def stop(self) -> None:
+        _stop_kafka(self.env)
+
+
+def free_port_range(count: int, avoid: range = range(0)) -> range:
+    """`count` consecutive ports that are free now (none of them in `avoid`)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        ports = range(base, base + count)
+        if ports.stop > 65536 or set(ports) & set(avoid):
+            continue
+        with ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return ports
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def start_private_kafka(nodes: int, data: Path, **settings: str) -> PrivateKafka:
+    """`kafka-local start` of `nodes` nodes in the empty folder `data`, with `settings` (more
+    KAFKA_LOCAL_* variables); stop it with `PrivateKafka.stop`.
+
+    Ports free when chosen can be taken before a node binds them (another process, or an
+    outgoing connection's ephemeral port): a start that fails so is tried again on other ports.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        brokers = free_port_range(nodes)
+        controllers = free_port_range(nodes, avoid=brokers)
+        folder = data / f"attempt-{attempt}"
+        env = {
+            **os.environ,
+            **settings,
+            "KAFKA_LOCAL_NODES": str(nodes),
+            "KAFKA_LOCAL_PORT": str(brokers.start),
+            "KAFKA_LOCAL_CONTROLLER_PORT": str(controllers.start),
+            "KAFKA_LOCAL_DATA": str(folder),
+        }
+        started = subprocess.run(
+            [str(KAFKA_LOCAL), "start"], env=env, capture_output=True, text=True, timeout=600
+        )
+        if started.returncode == 0:
+            bootstrap = started.stdout.strip().splitlines()[-1]
+            return PrivateKafka(env, bootstrap, brokers.start, nodes)
+        _stop_kafka(env)
+        if "already in use" not in started.stderr:
+            break
+    pytest.fail(f"local Kafka did not start:\n{started.stdout}\n{started.stderr}")
+
+
+def _stop_kafka(env: dict[str, str]) -> None:
+    subprocess.run([str(KAFKA_LOCAL), "stop"], env=env, capture_output=True, timeout=SCRIPT_TIMEOUT)
 
 
 OPEN_ENDED_LIMIT: Final = 4
