@@ -3,7 +3,8 @@
 librdkafka reports most trouble (a broker down, a leader moving) as transient errors it recovers
 from by itself, and reports them again at every retry (about 20 a second against a refused
 port). They are logged once per change of state: when the trouble starts, when every broker is
-down, and when a broker answers again (`ClientErrors.reachable`). Errors flagged fatal are
+down, and when a broker answers again (`ClientErrors.reachable`); reports of the outage served
+only after that answer start no new trouble (`RECOVERY_GRACE_SECONDS`). Errors flagged fatal are
 recorded by the callbacks (which must never raise) and raised on the main thread by
 `raise_if_fatal`. librdkafka's own log lines go through the process's structlog set-up
 (`CLIENT_LOGGER`), except its per-retry connection failures, which repeat what the error
@@ -48,6 +49,14 @@ _CONNECTION_TROUBLE: Final = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError
 TROUBLE_QUIET_SECONDS: Final = 60.0
 """Connection trouble after this long without any is logged as a new episode (librdkafka retries
 a connection at least every 10 s, `reconnect.backoff.max.ms`)."""
+RECOVERY_GRACE_SECONDS: Final = 10.0
+"""After a broker answers again, a failed connection reported within this long starts no new
+trouble. librdkafka queues its reports until the client is polled, so a client whose thread sat
+in a blocking call through the outage (an exactly-once commit waiting for its outputs) serves
+reports made during the outage after its end. A failure that lasts is reported again at the next
+connection attempt, at most 10 s later (`reconnect.backoff.max.ms`), and logged then. "All
+brokers down" is never held back: librdkafka says it once per outage, and the next probe ends a
+late one (`ReachabilityProbe`)."""
 PROBE_TIMEOUT_SECONDS: Final = 0.5
 
 
@@ -69,17 +78,20 @@ class ClientErrors:
     Connection trouble is logged once per change of state, not per retry: "kafka connection
     trouble" when a broker connection fails, "kafka brokers all down" when none is left, and
     "kafka brokers reachable again" once `reachable()` is called (by whoever saw a broker answer);
-    the repeats in between are counted in that last line.
+    the repeats in between are counted in that last line. A failed connection reported just after
+    that call is taken for a late report of the same outage (`RECOVERY_GRACE_SECONDS`).
     """
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
+        self._clock = clock
         self.fatal: KafkaError | None = None
         self.trouble_since: float | None = None
         """When the current connection trouble began (None: none now)."""
         self.all_down = False
         self.repeats = 0
         self._last_trouble = 0.0
+        self._reachable_at: float | None = None
 
     def __call__(self, error: KafkaError) -> None:
         # Runs inside librdkafka's poll: record only, never raise.
@@ -87,12 +99,20 @@ class ClientErrors:
             self.fatal = error
             log.error("kafka fatal error", client=self._client, error=error.str())
         elif error.code() in _CONNECTION_TROUBLE:
-            self._connection_trouble(error, time.monotonic())
+            self._connection_trouble(error, self._clock())
         else:
             log.warning("kafka error", client=self._client, error=error.str())
 
     def _connection_trouble(self, error: KafkaError, now: float) -> None:
         all_down = error.code() == KafkaError._ALL_BROKERS_DOWN
+        if (
+            not all_down
+            and self.trouble_since is None
+            and self._reachable_at is not None
+            and now - self._reachable_at < RECOVERY_GRACE_SECONDS
+        ):
+            log.debug("kafka connection failure from before the recovery", client=self._client)
+            return
         if self.trouble_since is not None and now - self._last_trouble > TROUBLE_QUIET_SECONDS:
             # A new episode: librdkafka retries far more often than this.
             self._end_trouble(self._last_trouble)
@@ -110,8 +130,9 @@ class ClientErrors:
 
     def reachable(self) -> None:
         """A broker answered this client: log the end of the connection trouble, if any."""
+        now = self._reachable_at = self._clock()
         if self.trouble_since is not None:
-            self._end_trouble(time.monotonic())
+            self._end_trouble(now)
 
     def _end_trouble(self, ended: float) -> None:
         assert self.trouble_since is not None

@@ -1,4 +1,5 @@
-"""Fault-suite helpers: a paced feed, scorer processes to kill, and the checks of every case.
+"""Fault-suite helpers: a paced feed, scorer processes and private brokers to kill, and the checks
+of every case.
 
 Every case reconciles with `streamer audit --json`, the same command users run, and records its
 counts with `record` so the suite can print one table per run (see conftest.py). The crash cases
@@ -12,14 +13,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import pytest
 
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.clients import OutputProducer
@@ -27,7 +32,7 @@ from streamer.serde import decode_verdict
 from streamer.settings import Settings
 from streamer.synthetic import LabelledTransaction, SyntheticWorld
 from streamer.tools.produce import ProduceReport, publish
-from tests.conftest import ROOT, Topics
+from tests.conftest import KAFKA_LOCAL, ROOT, Topics
 from tests.integration.support import (
     committed_offsets,
     end_offsets,
@@ -75,6 +80,100 @@ def record(case: str, mode: str, **values: Any) -> None:
     RESULTS.append({"case": case, "mode": mode, **values})
 
 
+# -- a private broker or cluster, to fail at will -------------------------------------------------
+
+SCRIPT_TIMEOUT: Final = 300.0
+"""How long one `scripts/kafka-local` command on a private broker may take."""
+START_ATTEMPTS: Final = 3
+
+
+@dataclass(frozen=True)
+class PrivateKafka:
+    """A broker (`nodes` 1) or cluster (3) that `scripts/kafka-local` runs for one test module,
+    on ports that were free and in a temporary folder: nobody else uses it, so it can be killed."""
+
+    env: dict[str, str]
+    bootstrap: str
+    first_port: int
+    nodes: int
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`scripts/kafka-local ARGS` on this broker or cluster; fails the test if it fails."""
+        result = subprocess.run(
+            [str(KAFKA_LOCAL), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        assert result.returncode == 0, f"kafka-local {' '.join(args)}:\n{result.stderr[-3000:]}"
+        return result
+
+    def node_of(self, broker_port: int) -> int:
+        """Node I of kafka-local listens on KAFKA_LOCAL_PORT + I - 1."""
+        node = broker_port - self.first_port + 1
+        assert 1 <= node <= self.nodes, f"port {broker_port} is not one of this cluster's brokers"
+        return node
+
+    def stop(self) -> None:
+        _stop_kafka(self.env)
+
+
+def free_port_range(count: int, avoid: range = range(0)) -> range:
+    """`count` consecutive ports that are free now (none of them in `avoid`)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        ports = range(base, base + count)
+        if ports.stop > 65536 or set(ports) & set(avoid):
+            continue
+        with ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return ports
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def start_private_kafka(nodes: int, data: Path, **settings: str) -> PrivateKafka:
+    """`kafka-local start` of `nodes` nodes in the empty folder `data`, with `settings` (more
+    KAFKA_LOCAL_* variables); stop it with `PrivateKafka.stop`.
+
+    Ports free when chosen can be taken before a node binds them (another process, or an
+    outgoing connection's ephemeral port): a start that fails so is tried again on other ports.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        brokers = free_port_range(nodes)
+        controllers = free_port_range(nodes, avoid=brokers)
+        folder = data / f"attempt-{attempt}"
+        env = {
+            **os.environ,
+            **settings,
+            "KAFKA_LOCAL_NODES": str(nodes),
+            "KAFKA_LOCAL_PORT": str(brokers.start),
+            "KAFKA_LOCAL_CONTROLLER_PORT": str(controllers.start),
+            "KAFKA_LOCAL_DATA": str(folder),
+        }
+        started = subprocess.run(
+            [str(KAFKA_LOCAL), "start"], env=env, capture_output=True, text=True, timeout=600
+        )
+        if started.returncode == 0:
+            bootstrap = started.stdout.strip().splitlines()[-1]
+            return PrivateKafka(env, bootstrap, brokers.start, nodes)
+        _stop_kafka(env)
+        if "already in use" not in started.stderr:
+            break
+    pytest.fail(f"local Kafka did not start:\n{started.stdout}\n{started.stderr}")
+
+
+def _stop_kafka(env: dict[str, str]) -> None:
+    subprocess.run([str(KAFKA_LOCAL), "stop"], env=env, capture_output=True, timeout=SCRIPT_TIMEOUT)
+
+
 OPEN_ENDED_LIMIT: Final = 4
 """An open-ended feed sends at most this many times its `count`."""
 
@@ -85,6 +184,9 @@ class Feed(threading.Thread):
     `count` of them; or, `open_ended`, at least `count` and on at the same rate until `stop()` or
     `finish()` (at most `OPEN_ENDED_LIMIT` times as many), so that a case whose faults take
     longer on a slow or busy machine still lands every one while events arrive.
+
+    The producer is not idempotent unless asked (`idempotent`): a batch in flight when its leader
+    dies may then be written twice, as two input records that each need an output.
     """
 
     def __init__(
@@ -96,9 +198,12 @@ class Feed(threading.Thread):
         seed: int,
         *,
         open_ended: bool = False,
+        idempotent: bool = False,
     ) -> None:
         super().__init__(daemon=True)
-        self._producer = OutputProducer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        self._producer = OutputProducer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": idempotent}
+        )
         self._topic = topic
         self._world = SyntheticWorld(seed)
         self._limit = count * OPEN_ENDED_LIMIT if open_ended else count
@@ -194,6 +299,18 @@ class Scorer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_mark(self) -> int:
+        """The whole lines in the log now: a place in it for `entries`."""
+        return len(self._whole_lines())
+
+    def entries(self, since: int = 0, until: int | None = None) -> list[dict[str, Any]]:
+        """The JSON entries of the log's whole lines between two marks (by default all)."""
+        return log_entries(self._whole_lines()[since:until])
+
+    def _whole_lines(self) -> list[bytes]:
+        data = self.log_path.read_bytes() if self.log_path.exists() else b""
+        return data[: data.rfind(b"\n") + 1].splitlines()
+
     def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
         """Wait until the log shows `text` (e.g. that the scorer has joined its group)."""
         wait_until(lambda: text in self.log() or not self.alive(), timeout, f"log line {text!r}")
@@ -217,6 +334,22 @@ class Scorer:
         return self.activity()
 
 
+def log_entries(lines: Sequence[bytes]) -> list[dict[str, Any]]:
+    """The JSON objects among log lines; other lines (a traceback, a line still being written)
+    are skipped."""
+    entries = []
+    for line in lines:
+        if not line.startswith(b"{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
 @dataclass(frozen=True)
 class Activity:
     """A scorer's own account, from its JSON log lines since its latest start.
@@ -236,13 +369,7 @@ class Activity:
         """Read one process's log lines; lines that are not whole JSON objects are skipped."""
         held: tuple[str, ...] = ()
         outputs = 0
-        for line in lines:
-            if not line.startswith(b"{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line still being written
-                continue
+        for entry in log_entries(lines):
             event = entry.get("event")
             if event == "partitions assigned":
                 held = tuple(entry["partitions"])
@@ -368,6 +495,85 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.25
 
 def committed_total(bootstrap: str, topics: Topics) -> int:
     return sum(max(offset, 0) for offset in committed_offsets(bootstrap, topics).values())
+
+
+# -- what a scorer says while its brokers are away ------------------------------------------------
+
+TROUBLE_EVENTS: Final = ("kafka connection trouble", "kafka brokers all down, retrying")
+"""How a client reports that its brokers fail (`kafka.clients.ClientErrors`): once per outage."""
+RECOVERY_EVENT: Final = "kafka brokers reachable again"
+
+
+@dataclass(frozen=True)
+class OutageLog:
+    """A scorer's log entries from an outage, progress lines aside: those come every
+    `STREAMER_PROGRESS_INTERVAL` whatever happens, and say nothing about the outage."""
+
+    entries: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def of(cls, entries: Sequence[dict[str, Any]]) -> OutageLog:
+        return cls(tuple(entry for entry in entries if entry.get("event") != "progress"))
+
+    @property
+    def troubled(self) -> set[str]:
+        """The clients that reported trouble."""
+        return {
+            str(entry.get("client"))
+            for entry in self.entries
+            if entry.get("event") in TROUBLE_EVENTS
+        }
+
+    def repeated(self) -> dict[str, int]:
+        """ "client: event" → how often, for each trouble line a client gave more than once."""
+        said = Counter(
+            f"{entry.get('client')}: {entry['event']}"
+            for entry in self.entries
+            if entry.get("event") in TROUBLE_EVENTS
+        )
+        return {line: count for line, count in said.items() if count > 1}
+
+    def events(self) -> dict[str, int]:
+        """Each event (prefixed by its client, if any) and how often it was logged."""
+        return dict(
+            Counter(
+                f"{entry['client']}: {entry.get('event')}"
+                if "client" in entry
+                else str(entry.get("event"))
+                for entry in self.entries
+            )
+        )
+
+
+def unrecovered(entries: Sequence[dict[str, Any]], clients: set[str]) -> set[str]:
+    """Those of `clients` whose last trouble line in `entries` has no recovery line after it."""
+    pending: set[str] = set()
+    for entry in entries:
+        client = str(entry.get("client"))
+        if client not in clients:
+            continue
+        if entry.get("event") in TROUBLE_EVENTS:
+            pending.add(client)
+        elif entry.get("event") == RECOVERY_EVENT:
+            pending.discard(client)
+    return pending
+
+
+def folded_retries(entries: Sequence[dict[str, Any]]) -> int:
+    """The retries the recovery lines say were counted rather than logged."""
+    return sum(
+        int(entry.get("repeated_errors", 0))
+        for entry in entries
+        if entry.get("event") == RECOVERY_EVENT
+    )
+
+
+def stopped_by(entries: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+    """(error class, error) of the scorer's last "stopped" line: it ended on that error."""
+    for entry in reversed(entries):
+        if entry.get("event") == "stopped" and "error_class" in entry:
+            return str(entry["error_class"]), str(entry.get("error", ""))
+    return None
 
 
 # -- judging by content ---------------------------------------------------------------------------

@@ -18,13 +18,9 @@ lost or repeated.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -35,16 +31,18 @@ from confluent_kafka.admin import AdminClient
 
 from streamer.kafka.transactions import CALL_TIMEOUT_SECONDS
 from streamer.kafka.watchdog import STALL_GRACE_SECONDS
-from tests.conftest import KAFKA_LOCAL, Topics, fresh_topics
+from tests.conftest import Topics, fresh_topics
 from tests.fault.support import (
     FULL,
     MODES,
     Feed,
+    PrivateKafka,
     Scorer,
     audit,
     fault_env,
     record,
     scaled,
+    start_private_kafka,
     wait_until,
 )
 from tests.integration.support import committed_offsets, end_offsets
@@ -54,8 +52,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(90
 T = TypeVar("T")
 
 NODES: Final = 3
-SCRIPT_TIMEOUT: Final = 300.0
-START_ATTEMPTS: Final = 3
 CATCH_UP_LIMIT: Final = 60.0
 """The promise: lag back to zero within a minute of the broker returning."""
 STALL_LIMIT: Final = 30.0
@@ -79,93 +75,18 @@ _FAILOVER_CODES: Final = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class Cluster:
-    env: dict[str, str]
-    bootstrap: str
-    first_port: int
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`scripts/kafka-local ARGS` on this cluster; fails the test if it fails."""
-        result = subprocess.run(
-            [str(KAFKA_LOCAL), *args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
-        assert result.returncode == 0, f"kafka-local {' '.join(args)}:\n{result.stderr[-3000:]}"
-        return result
-
-    def node_of(self, broker_port: int) -> int:
-        """Node I of kafka-local listens on KAFKA_LOCAL_PORT + I - 1."""
-        node = broker_port - self.first_port + 1
-        assert 1 <= node <= NODES, f"port {broker_port} is not one of this cluster's brokers"
-        return node
-
-
-def _free_port_range(count: int, avoid: range = range(0)) -> range:
-    """`count` consecutive ports that are free now (none of them in `avoid`)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        ports = range(base, base + count)
-        if ports.stop > 65536 or set(ports) & set(avoid):
-            continue
-        with ExitStack() as stack:
-            try:
-                for port in ports:
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return ports
-    raise RuntimeError(f"found no {count} consecutive free ports")
-
-
-def _start_cluster(data: Path) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
-    """`kafka-local start` of a three-node cluster on ports that are free now."""
-    brokers = _free_port_range(NODES)
-    controllers = _free_port_range(NODES, avoid=brokers)
-    env = {
-        **os.environ,
-        "KAFKA_LOCAL_NODES": str(NODES),
-        "KAFKA_LOCAL_PORT": str(brokers.start),
-        "KAFKA_LOCAL_CONTROLLER_PORT": str(controllers.start),
-        "KAFKA_LOCAL_DATA": str(data),
-    }
-    command = [str(KAFKA_LOCAL), "start"]
-    return env, subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _stop_cluster(env: dict[str, str]) -> None:
-    subprocess.run([str(KAFKA_LOCAL), "stop"], env=env, capture_output=True, timeout=SCRIPT_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A three-node cluster for this module, stopped when its last test is done.
-
-    Ports free when chosen can be taken before a node binds them (another process, or an
-    outgoing connection's ephemeral port): a start that fails is tried again on other ports.
-    """
-    for attempt in range(1, START_ATTEMPTS + 1):
-        env, started = _start_cluster(tmp_path_factory.mktemp("kafka-cluster"))
-        if started.returncode == 0:
-            break
-        _stop_cluster(env)
-        if attempt == START_ATTEMPTS or "already in use" not in started.stderr:
-            pytest.fail(f"local cluster did not start:\n{started.stdout}\n{started.stderr}")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateKafka]:
+    """A three-node cluster for this module, stopped when its last test is done."""
+    started = start_private_kafka(NODES, tmp_path_factory.mktemp("kafka-cluster"))
     try:
-        first_port = int(env["KAFKA_LOCAL_PORT"])
-        yield Cluster(env, started.stdout.strip().splitlines()[-1], first_port)
+        yield started
     finally:
-        _stop_cluster(env)
+        started.stop()
 
 
 @pytest.fixture
-def cluster_topics(cluster: Cluster) -> Iterator[Topics]:
+def cluster_topics(cluster: PrivateKafka) -> Iterator[Topics]:
     """Fresh input, output and dead-letter topics on the cluster: 3 partitions, 3 replicas.
 
     Afterwards every node runs again: a test that failed with a node down must not leave the next
@@ -201,7 +122,7 @@ class Victim:
     """What else it does for the scorer: group and/or transaction coordinator."""
 
 
-def choose_victim(cluster: Cluster, topics: Topics, transactional_id: str | None) -> Victim:
+def choose_victim(cluster: PrivateKafka, topics: Topics, transactional_id: str | None) -> Victim:
     """The input partition leader whose loss hurts the scorer most.
 
     Among the leaders of the input partitions: the group's coordinator first (offset commits,
@@ -340,7 +261,7 @@ class Ride:
 
 
 def ride_out(
-    cluster: Cluster, topics: Topics, ride: Ride, how: str, mode: str, count: int, rate: int
+    cluster: PrivateKafka, topics: Topics, ride: Ride, how: str, mode: str, count: int, rate: int
 ) -> dict[str, Any]:
     """Feed events, fail the victim node mid-stream, bring it back; what was measured.
 
@@ -443,7 +364,7 @@ CASES: Final = (
 
 @pytest.mark.parametrize(("mode", "how"), CASES)
 def test_scorer_rides_out_a_broker_fault(
-    cluster: Cluster,
+    cluster: PrivateKafka,
     cluster_topics: Topics,
     model_path: Path,
     mode: str,

@@ -11,10 +11,15 @@ from tests.fault.support import (
     BATCH_SIZE,
     Activity,
     Hit,
+    OutageLog,
     Outcomes,
     check_content,
     check_same_scores,
+    folded_retries,
+    log_entries,
     repeat_bound,
+    stopped_by,
+    unrecovered,
 )
 
 FED = ["t1", "t2", "t3"]
@@ -130,3 +135,59 @@ def test_a_reference_with_two_scores_for_one_id_fails() -> None:
     reference = Outcomes([*REFERENCE.verdicts, ("t1", 0.15)], 0)
     with pytest.raises(AssertionError, match="the reference scored t1"):
         check_same_scores(REFERENCE, reference, "at-least-once")
+
+
+def all_down(client: str) -> dict[str, Any]:
+    return {"event": "kafka brokers all down, retrying", "client": client}
+
+
+def reachable(client: str, repeated: int = 0) -> dict[str, Any]:
+    return {"event": "kafka brokers reachable again", "client": client, "repeated_errors": repeated}
+
+
+def test_log_entries_are_the_json_objects() -> None:
+    """Whole JSON objects only: no traceback, no half-written line, no bare value."""
+    lines = [line("ready"), b"Traceback (most recent call last):", b'{"event": "pro', b"[1]"]
+    assert log_entries(lines) == [{"event": "ready", "level": "info"}]
+
+
+def test_an_outage_log_leaves_progress_lines_out() -> None:
+    """Progress lines come on a timer, outage or not: they are not counted."""
+    entries = log_entries(
+        [progress(5), line("kafka brokers all down, retrying", client="producer")]
+    )
+    outage = OutageLog.of(entries)
+    assert outage.events() == {"producer: kafka brokers all down, retrying": 1}
+    assert outage.troubled == {"producer"}
+
+
+def test_trouble_said_twice_by_one_client_is_repeated() -> None:
+    """Once per client is the rule; the same line from two clients is not a repeat."""
+    once_each = OutageLog.of([all_down("consumer"), all_down("producer")])
+    assert once_each.repeated() == {}
+    twice = OutageLog.of([all_down("consumer"), all_down("producer"), all_down("consumer")])
+    assert twice.repeated() == {"consumer: kafka brokers all down, retrying": 2}
+
+
+def test_a_client_is_unrecovered_until_a_later_recovery_line() -> None:
+    """A recovery counts only after the client's last trouble line, and only for that client."""
+    entries = [all_down("consumer"), all_down("producer"), reachable("producer")]
+    assert unrecovered(entries, {"consumer", "producer"}) == {"consumer"}
+    assert unrecovered([*entries, reachable("consumer")], {"consumer", "producer"}) == set()
+    assert unrecovered([*entries, reachable("consumer"), all_down("consumer")], {"consumer"}) == {
+        "consumer"
+    }
+
+
+def test_folded_retries_add_up_the_recovery_lines() -> None:
+    """The retries each client counted instead of logging them."""
+    entries = [all_down("consumer"), reachable("consumer", 529), reachable("producer", 91)]
+    assert folded_retries(entries) == 620
+
+
+def test_stopped_by_is_the_last_stopped_line_with_an_error() -> None:
+    """The error a scorer ended on; None when it stopped cleanly."""
+    clean: list[dict[str, Any]] = [{"event": "scorer stopped", "consumed": 3}]
+    assert stopped_by(clean) is None
+    failed = [*clean, {"event": "stopped", "error_class": "StalledError", "error": "blocked"}]
+    assert stopped_by(failed) == ("StalledError", "blocked")

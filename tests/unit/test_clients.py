@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 
 from streamer.errors import ConfigError
 from streamer.kafka.clients import (
+    RECOVERY_GRACE_SECONDS,
     ClientErrors,
     ReachabilityProbe,
     check_client_config,
@@ -110,6 +111,36 @@ class TestConnectionTrouble:
         with capture_logs() as logs:
             ClientErrors("consumer").reachable()
         assert logs == []
+
+    def test_a_late_report_of_the_outage_starts_no_new_trouble(self) -> None:
+        """A failed connection served just after the recovery (queued while the client's thread
+        was blocked) is the outage that ended, not a new one; one that lasts is logged."""
+        now = [100.0]
+        errors = ClientErrors("producer", clock=lambda: now[0])
+        with capture_logs() as logs:
+            errors(_transport())
+            errors(_all_down())
+            errors.reachable()
+            now[0] += 0.1
+            errors(_transport("127.0.0.1:1/bootstrap: Connect failed (95 identical suppressed)"))
+            now[0] += RECOVERY_GRACE_SECONDS
+            errors(_transport())
+        assert [entry["event"] for entry in logs if entry["log_level"] != "debug"] == [
+            "kafka connection trouble",
+            "kafka brokers all down, retrying",
+            "kafka brokers reachable again",
+            "kafka connection trouble",
+        ]
+        assert errors.trouble_since == now[0]
+
+    def test_all_down_is_logged_even_just_after_a_recovery(self) -> None:
+        """librdkafka says it once per outage: it is never taken for a late report."""
+        errors = ClientErrors("consumer", clock=lambda: 50.0)
+        with capture_logs() as logs:
+            errors.reachable()  # a probe answered for another client: this one had no trouble
+            errors(_all_down())
+        assert [entry["event"] for entry in logs] == ["kafka brokers all down, retrying"]
+        assert errors.all_down
 
     def test_other_errors_are_each_logged(self) -> None:
         """Errors other than connection trouble are not folded."""
