@@ -276,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--rate", type=non_negative_float, default=0.0, help="events/s (0: as fast as possible)"
     )
-    produce.add_argument("--seed", type=int, default=None, help="default: a random seed")
+    produce.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the synthetic world, its card ids included (card-<seed>-<n>); default: random",
+    )
     produce.add_argument(
         "--allow-auto-create",
         action="store_true",

@@ -228,7 +228,11 @@ class SyntheticWorld:
     larger world has more cards, each with the same habits. The clock starts at `start_ms`.
     The same arguments and the same sequence of `generate` calls give the same records. Not
     thread-safe: `generate` advances the world's clock and random state as it yields.
-    `n_merchants` must be at least one per (country, category) pair.
+    `n_merchants` must be at least one per (country, category) pair. Card ids are
+    `card_prefix` and a six-digit number: worlds of different seeds share card ids and a clock
+    unless their prefixes differ, so a tool that feeds a stateful scorer one world after another
+    gives each its own prefix (their cards would otherwise meet the histories of the other
+    world's cards of the same id, from its future).
     """
 
     def __init__(
@@ -239,6 +243,7 @@ class SyntheticWorld:
         n_cards: int | None = None,
         n_merchants: int = 5_000,
         start_ms: int = DEFAULT_START_MS,
+        card_prefix: str = "card-",
     ) -> None:
         n_countries = len(_COUNTRY_TABLE)
         n_categories = len(MERCHANT_CATEGORIES)
@@ -314,7 +319,7 @@ class SyntheticWorld:
         self._n_categories = n_categories
 
         # Cards: home country, spend level, how active, favourite merchants, trips abroad.
-        self._card_ids = np.array([f"card-{i:06d}" for i in range(n_cards)], dtype=object)
+        self._card_ids = np.array([f"{card_prefix}{i:06d}" for i in range(n_cards)], dtype=object)
         self._card_home = rng.choice(n_countries, size=n_cards, p=self._country_p)
         self._card_level = np.log(40.0) + 0.6 * rng.standard_normal(n_cards)
         activity = rng.lognormal(0.0, 0.8, size=n_cards)

@@ -160,7 +160,9 @@ def run_demo(
     scorer = _start_scorer(settings, scorer_log)
     producer = OutputProducer(settings.producer_config(), name="demo-producer")
     seed = secrets.randbelow(2**31)
-    world = SyntheticWorld(seed)
+    # Cards of their own: a second demo on the same broker must not meet the first one's
+    # histories, which the scorer's group keeps in its changelog.
+    world = SyntheticWorld(seed, card_prefix=f"card-{seed}-")
     sent_at: dict[str, float] = {}
     labels: dict[str, bool] = {}
 

@@ -101,6 +101,9 @@ def produce_synthetic(
 ) -> ProduceReport:
     """`streamer produce`: `count` synthetic events from the world of `seed` at `rate`/s.
 
+    Its card ids are `card-<seed>-<number>`: runs with other seeds feed a stateful scorer cards of
+    their own, and a run with the same seed the same cards again.
+
     On Ctrl-C, waits a few seconds for what was sent to be acknowledged, logs how many events
     were delivered, and lets KeyboardInterrupt through (exit 130).
     """
@@ -112,7 +115,7 @@ def produce_synthetic(
         publish(
             producer,
             settings.input_topic,
-            SyntheticWorld(seed).generate(count),
+            SyntheticWorld(seed, card_prefix=f"card-{seed}-").generate(count),
             rate=rate,
             progress=progress,
             report=report,

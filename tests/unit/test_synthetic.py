@@ -429,3 +429,14 @@ class TestArguments:
         cards = {i.record["card_id"] for i in SyntheticWorld(1, n_cards=5).generate(2_000)}
 
         assert cards <= {f"card-{n:06d}" for n in range(5)}
+
+
+def test_a_card_prefix_gives_a_world_cards_of_its_own() -> None:
+    """Feeding one stateful scorer two worlds: with their own prefixes no card id is shared, and
+    the prefix changes nothing else."""
+    plain = [e.record for e in SyntheticWorld(3).generate(2_000)]
+    own = [e.record for e in SyntheticWorld(3, card_prefix="card-3-").generate(2_000)]
+    assert all(r["card_id"].startswith("card-3-") for r in own)
+    assert not {r["card_id"] for r in own} & {r["card_id"] for r in plain}
+    for a, b in zip(plain, own, strict=True):
+        assert {**a, "card_id": b["card_id"]} == b
