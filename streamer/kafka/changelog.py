@@ -126,6 +126,9 @@ class Restorer:
 
     def __init__(self, config: dict[str, Any], store: KeyedStore[Any], topic: str) -> None:
         self._config = {**config, "enable.partition.eof": True, "enable.auto.commit": False}
+        self._read_committed = config.get("isolation.level") == "read_committed"
+        self._unstable_logged: set[int] = set()
+        """Partitions whose wait for a transaction is logged (once each)."""
         self._store = store
         self._topic = topic
         self._consumer: Consumer | None = None
@@ -178,6 +181,7 @@ class Restorer:
         for partition in committed:
             self._store.assign(partition)
         self._committed.update(committed)
+        self._unstable_logged.difference_update(committed)
         if self._consumer is None:
             self._consumer = create_consumer(self._config, self._errors)
             # Assigned before it knows the partitions' leaders, the reader would wait out
@@ -228,7 +232,7 @@ class Restorer:
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
-                        if partition in committed:
+                        if partition in committed and not self._unstable(partition, message):
                             self._apply(applied)
                             finished.append(partition)
                             self._finish(partition)
@@ -280,6 +284,38 @@ class Restorer:
             )
             consumer.unassign()
         return finished
+
+    def _unstable(self, partition: int, eof: Any) -> bool:
+        """Whether a read_committed end of `partition` is not its end yet: a transaction's records
+        lie past it.
+
+        Read committed, the end is the last stable offset, before the first record of a
+        transaction not yet complete. A transaction whose commit the previous owner saw succeed
+        can still be completing: the coordinator answers the commit once it is decided and
+        writes its markers afterwards, so the input's committed offsets can already include it
+        while its changelog records are not readable yet. Ending there would leave out state the
+        committed offsets cover. The high watermark of the last fetch says whether records lie
+        past the end; if so, the reader goes on, and the next end of partition (the transaction
+        committed or aborted) is checked again.
+        """
+        if not self._read_committed or self._consumer is None:
+            return False
+        _, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, partition), cached=True
+        )
+        end = eof.offset()
+        if high < 0 or end < 0 or high <= end:
+            return False
+        if partition not in self._unstable_logged:
+            self._unstable_logged.add(partition)
+            log.info(
+                "restore waiting for a transaction in the changelog to complete",
+                store=self._store.name,
+                partition=partition,
+                stable_end=end,
+                high_watermark=high,
+            )
+        return True
 
     def _apply(self, applied: dict[int, list[tuple[bytes, bytes | None]]]) -> None:
         """Hand the records taken so far to the store, and forget them."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
@@ -211,6 +212,60 @@ class TestRestoreLeavesOutUncommittedState:
         assert store.position(0) == 10
         assert store.values(0) == {"kept": old, "replaced": new, "undeleted": old, "older": old}
         assert restorer.records == 7  # the records whose positions are covered
+
+
+class TestRestoreWaitsForTransactions:
+    def test_read_committed_restore_ends_only_once_no_transaction_is_pending(
+        self, bootstrap_servers: str, topics: Topics
+    ) -> None:
+        """Exactly-once: a changelog transaction still completing when the restore reaches the
+        last stable offset is waited for, and its records are applied once committed (its
+        commit can be decided, and the offsets it carries committed, before its records are
+        readable)."""
+        settings = Settings(
+            bootstrap_servers=bootstrap_servers,
+            group_id=topics.group,
+            processing_guarantee="exactly-once",
+        )
+        topic = changelog_of(topics)
+        ensure_changelog(settings.admin_config(), topic, topics.input)
+        first, second = _history(1_000, 5.0, "m", "DE"), _history(2_000, 9.0, "n", "FR")
+        producer = Producer(
+            {
+                "bootstrap.servers": bootstrap_servers,
+                "transactional.id": f"{topics.group}-writer",
+            }
+        )
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        producer.produce(
+            topic, positioned(1) + CARD_HISTORY_CODEC.encode(first), b"first", partition=0
+        )
+        producer.commit_transaction(30)
+        producer.begin_transaction()
+        producer.produce(
+            topic, positioned(2) + CARD_HISTORY_CODEC.encode(second), b"second", partition=0
+        )
+        assert producer.flush(30) == 0  # on the broker, the transaction still open
+
+        store = KeyedStore("card-state", CARD_HISTORY_CODEC, keep_undo=True)
+        config = settings.changelog_reader_config()
+        assert config["isolation.level"] == "read_committed"
+        restorer = Restorer(config, store, topic)
+        try:
+            restorer.start({0: 10})
+            waited_until = time.monotonic() + 3
+            while time.monotonic() < waited_until:
+                restorer.step(0.1)
+            assert restorer.restoring == [0], "the restore ended before the open transaction"
+            producer.commit_transaction(30)
+            deadline = time.monotonic() + 60
+            while restorer.restoring:
+                assert time.monotonic() < deadline, restorer.restoring
+                restorer.step(0.1)
+        finally:
+            restorer.close()
+        assert store.values(0) == {"first": first, "second": second}
 
 
 class TestTrainingParity:
