@@ -165,6 +165,14 @@ def _history(event_time: int, amount: float, merchant: str, country: str) -> Car
     return histories["c"]
 
 
+def _restore_to_end(restorer: Restorer, seconds: float = 60) -> None:
+    """Step `restorer` until no partition is left to restore; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while restorer.restoring:
+        assert time.monotonic() < deadline, restorer.restoring
+        restorer.step(0.1)
+
+
 class TestRestoreLeavesOutUncommittedState:
     def test_positions_in_values_and_in_headers(
         self, bootstrap_servers: str, topics: Topics
@@ -203,10 +211,7 @@ class TestRestoreLeavesOutUncommittedState:
         restorer = Restorer(settings.changelog_reader_config(), store, topic)
         try:
             restorer.start({0: 10})
-            deadline = time.monotonic() + 60
-            while restorer.restoring:
-                assert time.monotonic() < deadline, restorer.restoring
-                restorer.step(0.1)
+            _restore_to_end(restorer)
         finally:
             restorer.close()
         assert store.position(0) == 10
@@ -259,10 +264,7 @@ class TestRestoreWaitsForTransactions:
                 restorer.step(0.1)
             assert restorer.restoring == [0], "the restore ended before the open transaction"
             producer.commit_transaction(30)
-            deadline = time.monotonic() + 60
-            while restorer.restoring:
-                assert time.monotonic() < deadline, restorer.restoring
-                restorer.step(0.1)
+            _restore_to_end(restorer)
         finally:
             restorer.close()
         assert store.values(0) == {"first": first, "second": second}
