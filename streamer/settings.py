@@ -353,6 +353,13 @@ class Settings(BaseSettings):
             config["transaction.timeout.ms"] = timeout
             config["delivery.timeout.ms"] = timeout
             config["delivery.report.only.error"] = True
+            # Once every broker is down, librdkafka by default starts again from the bootstrap
+            # servers and decommissions the brokers it knew, yet keeps one of them cached as the
+            # consumer group's coordinator: a send_offsets_to_transaction after the brokers are
+            # back then waits for that broker's state to change, which never comes (librdkafka
+            # #5511; seen after every broker was killed and started again on the same addresses).
+            # Without re-bootstrapping, the known brokers reconnect where they were.
+            config["metadata.recovery.strategy"] = "none"
         config.update(common)
         return config
 

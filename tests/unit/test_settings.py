@@ -154,6 +154,8 @@ class TestKafkaPassThrough:
         assert int(producer["transaction.timeout.ms"]) == 20000
         assert producer["delivery.timeout.ms"] == 20000
         assert producer["delivery.report.only.error"] is True
+        # Re-bootstrapping after every broker was down strands send_offsets_to_transaction.
+        assert producer["metadata.recovery.strategy"] == "none"
         assert "transactional.id" not in settings.producer_config()
         # at-least-once moves its commit position on each success report.
         assert "delivery.report.only.error" not in settings.producer_config()
