@@ -14,6 +14,7 @@ state is back, so no record is scored against a partial history.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import time
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ from streamer.kafka.clients import (
     KafkaMessage,
     OutputProducer,
     ReachabilityProbe,
+    cluster_answers,
     create_consumer,
     poll_batch,
 )
@@ -237,7 +239,12 @@ class ScoringApp:
         checkpoint: Checkpoint
         if settings.exactly_once:
             producer = OutputProducer(settings.producer_config(transactional=True))
-            transactions = Transactions(producer, consumer, settings.transactional_id())
+            transactions = Transactions(
+                producer,
+                consumer,
+                settings.transactional_id(),
+                cluster_answers=functools.partial(cluster_answers, producer.client),
+            )
             try:
                 transactions.init()
             except BaseException:
@@ -245,7 +252,12 @@ class ScoringApp:
                 raise
             log.info("transactions ready", transactional_id=transactions.transactional_id)
             checkpoint = ExactlyOnce(
-                consumer, producer, changelogs, settings.transaction_interval, transactions
+                consumer,
+                producer,
+                changelogs,
+                settings.transaction_interval,
+                transactions,
+                consumer_errors,
             )
         else:
             producer = OutputProducer(settings.producer_config())
@@ -334,9 +346,12 @@ class ScoringApp:
         return failing
 
     def liveness(self) -> str | None:
-        """Why the loop is not live (it has not turned for `LIVENESS_SECONDS`), or None."""
+        """Why the loop is not live (it has not turned for `LIVENESS_SECONDS`), or None.
+
+        A loop blocked in a client call that waits for brokers of which none answers is live:
+        a restart would not bring them back (and would fail its start-up check meanwhile)."""
         stalled = time.monotonic() - self._turned_at
-        if stalled <= LIVENESS_SECONDS:
+        if stalled <= LIVENESS_SECONDS or self._checkpoint.waiting_for_brokers:
             return None
         reason = (
             f"the scoring loop has not turned for {stalled:.0f}s (limit {LIVENESS_SECONDS:.0f}s)"

@@ -15,7 +15,13 @@ the checkpoint decides when and how everything commits, and what an error does:
 - `ExactlyOnce`: verdicts, dead letters, changelog records and input offsets go into one Kafka
   transaction, begun lazily at the first output and committed every `interval` seconds. An abort
   returns the state to the last commit (the store's undo) and rewinds the consumer to the
-  committed offsets, so the records are read and scored again; a fenced scorer stops.
+  committed offsets, so the records are read and scored again; a fenced scorer stops. While every
+  broker is down, the transaction stays open: no commit or abort is begun, since the calls would
+  block or fail against brokers that are not there, and an abort the returning coordinator has
+  no record of is refused as fatal (librdkafka #4849). The loop goes on turning (polling the
+  consumer, serving reports); once a broker answers, the commit goes ahead. An outage longer than
+  the transaction timeout ends the transaction at the coordinator; the producer is then fenced
+  and the scorer stops, to be restarted from the last commit.
 
 Kept from before: the delivery tracker's per-run positions, the classification of transactional
 errors, and the watchdog around calls that can hang (`kafka.transactions`, `kafka.watchdog`).
@@ -36,7 +42,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from streamer.errors import DeliveryFailedError, FencedError, KafkaFatalError
 from streamer.headers import CHANGELOG_POSITION
 from streamer.kafka.changelog import positioned
-from streamer.kafka.clients import OutputProducer, commit_positions
+from streamer.kafka.clients import ClientErrors, OutputProducer, commit_positions
 from streamer.kafka.delivery import DeliveryCallback, DeliveryFailure, DeliveryTracker, Source
 from streamer.kafka.transactions import MEMBERSHIP_CODES, AbortableError, Transactions
 from streamer.state.store import KeyedStore
@@ -49,6 +55,9 @@ SLICE_RECORDS: Final = 128
 """At-least-once: snapshot values encoded between two looks at the clock."""
 FLUSH_SECONDS: Final = 30.0
 """How long a commit waits for outstanding acknowledgements before giving up on this commit."""
+FLUSH_SLICE_SECONDS: Final = 0.25
+"""Exactly-once: a commit's wait for acknowledgements looks this often whether every broker has
+gone (then the transaction waits for them, open, rather than aborting after `FLUSH_SECONDS`)."""
 MAX_ABORTS_IN_A_ROW: Final = 5
 """Exactly-once: transactions aborted one after another, with no commit between, before stopping."""
 EXPIRY_EVERY_MS: Final = 3_600_000
@@ -157,6 +166,11 @@ class Checkpoint(ABC):
     def guarding(self) -> tuple[str, float] | None:
         """The client call under way that the watchdog guards, and for how long (None: none)."""
         return None
+
+    @property
+    def waiting_for_brokers(self) -> bool:
+        """Whether the client call under way waits for brokers of which none answers."""
+        return False
 
     def side_outputs(
         self,
@@ -475,12 +489,18 @@ class ExactlyOnce(Checkpoint):
         changelogs: Sequence[Changelog],
         interval: float,
         transactions: Transactions,
+        consumer_errors: ClientErrors | None = None,
     ) -> None:
         super().__init__(consumer, producer, changelogs, interval)
         self.transactions = transactions
         self._positions: dict[tuple[str, int], int] = {}
         """The next offset to read per partition, for the open transaction."""
         self._aborts_in_a_row = 0
+        self._client_errors = (producer.errors,) + (
+            (consumer_errors,) if consumer_errors is not None else ()
+        )
+        self._held_since: float | None = None
+        """When the open transaction began to wait for the brokers (None: it does not)."""
 
     def outputs(
         self,
@@ -506,6 +526,8 @@ class ExactlyOnce(Checkpoint):
         self._producer.poll(0)
         transactions = self.transactions
         if self._tracker.failures:
+            if self._held_for_brokers():
+                return  # abort once a coordinator can hear it
             self._abort_and_rewind("an output was not delivered")
         elif (
             transactions.opened_at is not None
@@ -516,13 +538,17 @@ class ExactlyOnce(Checkpoint):
     def commit(self, *, rewind: bool) -> bool:
         """Commit the open transaction; on failure abort it (and rewind, if `rewind`)."""
         transactions = self.transactions
-        if not transactions.is_open:
+        if not transactions.is_open or self._held_for_brokers():
             return False
+        # Should every broker go during the wait below, the changes are written again by the
+        # next try, into the same transaction: a key's later record holds the same value.
         self._write_changelogs(self._tracker.failure_callback((), (), ()))
         # Wait for the deliveries first: a refused output shows up here, with its reason, rather
         # than as a transaction that cannot commit.
-        with transactions.watchdog.guard("flush", FLUSH_SECONDS):
-            remaining = self._producer.flush(FLUSH_SECONDS)
+        remaining = self._flush()
+        if remaining is None:
+            self._held_for_brokers()
+            return False
         if self._tracker.failures or remaining:
             self._abort_for(
                 f"an output was not delivered ({remaining} unacknowledged after the wait)", rewind
@@ -539,6 +565,44 @@ class ExactlyOnce(Checkpoint):
         self._tracker = DeliveryTracker()
         self._aborts_in_a_row = 0
         self.committed += 1
+        return True
+
+    def _flush(self) -> int | None:
+        """Wait up to `FLUSH_SECONDS` for every output's acknowledgement; how many are left, or
+        None when every broker went away meanwhile (the transaction is left open for them)."""
+        deadline = time.monotonic() + FLUSH_SECONDS
+        with self.transactions.watchdog.guard("flush", FLUSH_SECONDS):
+            while True:
+                wait = min(FLUSH_SLICE_SECONDS, max(deadline - time.monotonic(), 0.0))
+                remaining = self._producer.flush(wait)
+                if not remaining:
+                    return 0
+                if self._brokers_down():
+                    return None
+                if time.monotonic() >= deadline:
+                    return remaining
+
+    def _brokers_down(self) -> bool:
+        """Whether a client of this scorer has every broker down (until the loop's probe finds
+        one answering: `clients.ReachabilityProbe`)."""
+        return any(errors.all_down for errors in self._client_errors)
+
+    def _held_for_brokers(self) -> bool:
+        """Whether the open transaction must wait for the brokers (logged once per outage)."""
+        if not self._brokers_down():
+            if self._held_since is not None:
+                log.info(
+                    "brokers answer again; the transaction held open goes on",
+                    held_seconds=round(time.monotonic() - self._held_since, 1),
+                )
+                self._held_since = None
+            return False
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+            log.warning(
+                "every broker is down; the open transaction waits for them",
+                outputs_in_flight=len(self._producer),
+            )
         return True
 
     def _abort_for(self, reason: str, rewind: bool) -> None:
@@ -618,7 +682,11 @@ class ExactlyOnce(Checkpoint):
         """Exactly-once after an error commits nothing: a batch may be half-produced, so its
         transaction is aborted and the records are scored again by whoever reads them next."""
         if clean:
-            self.commit(rewind=False)
+            if not self.commit(rewind=False) and self._held_since is not None:
+                log.warning(
+                    "stopping with the transaction open: no broker answers; nothing in it "
+                    "becomes visible, and the next owner scores its records again"
+                )
         else:
             self._abort_quietly("the scorer is stopping on an error")
 
@@ -633,6 +701,10 @@ class ExactlyOnce(Checkpoint):
     @property
     def guarding(self) -> tuple[str, float] | None:
         return self.transactions.watchdog.guarding
+
+    @property
+    def waiting_for_brokers(self) -> bool:
+        return self.transactions.watchdog.waiting_for_brokers
 
     def side_outputs(
         self,

@@ -179,6 +179,19 @@ class ReachabilityProbe:
             errors.reachable()
 
 
+def cluster_answers(client: Consumer | Producer, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
+    """Whether any broker answers `client` a metadata request within `timeout` seconds.
+
+    Safe on any thread, beside a call of the same client blocked on another (librdkafka's
+    handles are thread-safe, and the call releases the GIL while it waits).
+    """
+    try:
+        client.list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return True
+
+
 def check_client_config(settings: Settings) -> None:
     """Raise `ConfigError` naming the `STREAMER_KAFKA_*` variable librdkafka refuses, if any.
 

@@ -11,7 +11,9 @@ transaction. librdkafka sorts the errors of the transactional calls into three k
 - fatal (fenced, or the producer's state is lost): the process stops with a message that says why.
 
 A call that blocks far past its timeout (a known librdkafka hang) ends the process through the
-`Watchdog`, so that it is restarted rather than left alive and idle.
+`Watchdog`, so that it is restarted rather than left alive and idle. While no broker answers at
+all (`cluster_answers`), a call is not hung but waiting: the watchdog lets it wait, and a
+retriable error is retried for as long as the outage lasts and `RETRY_FOR_SECONDS` after it.
 """
 
 from __future__ import annotations
@@ -70,11 +72,16 @@ class Transactions:
         consumer: Consumer,
         transactional_id: str,
         watchdog: Watchdog | None = None,
+        cluster_answers: Callable[[], bool] | None = None,
     ):
         self._producer = producer.client
         self._consumer = consumer
         self.transactional_id = transactional_id
-        self.watchdog = watchdog if watchdog is not None else Watchdog()
+        self._cluster_answers = cluster_answers
+        """Whether any broker answers now (None: assume one does); may block briefly."""
+        self.watchdog = (
+            watchdog if watchdog is not None else Watchdog(cluster_answers=cluster_answers)
+        )
         """Ends the process if a call blocks far past its timeout (`streamer.kafka.watchdog`)."""
         self.opened_at: float | None = None
         self.committed = 0
@@ -161,7 +168,10 @@ class Transactions:
                     raise KafkaFatalError(f"{what}: {error.str()}") from None
                 if error.txn_requires_abort():
                     raise AbortableError(error, what) from None
-                if error.retriable() and time.monotonic() < deadline:
-                    log.warning("retrying transactional call", call=what, error=error.str())
-                    continue
+                if error.retriable():
+                    if self._cluster_answers is not None and not self._cluster_answers():
+                        deadline = time.monotonic() + RETRY_FOR_SECONDS  # an outage: wait it out
+                    if time.monotonic() < deadline:
+                        log.warning("retrying transactional call", call=what, error=error.str())
+                        continue
                 raise KafkaFatalError(f"{what}: {error.str()}") from None

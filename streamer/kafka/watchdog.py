@@ -12,6 +12,14 @@ code, where no Python exception can reach it, so the end is `os._exit`: the same
 which exactly-once processing is built to survive. The open transaction never commits; the
 restarted scorer (same `STREAMER_INSTANCE_ID`) fences it, the coordinator aborts it, and scoring
 resumes from the last committed offsets. Nothing is lost or repeated.
+
+A call blocked because no broker answers at all is not hung: it goes on once a broker is back
+(librdkafka retries its connections by itself). Given `cluster_answers`, the thread asks it, on
+its own thread, every `OUTAGE_CHECK_SECONDS` once a call has run that long (a call normally takes
+milliseconds); while no broker answers, the call waits, and its timeout and grace count again
+from the last moment none did. So a scorer rides out the loss of every broker (the transaction
+timeout then decides what becomes of the open transaction), and a call that stays blocked with
+the brokers up still ends the process.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import structlog
@@ -35,6 +43,8 @@ STALL_GRACE_SECONDS: Final = 10.0
 """How far past its own timeout a guarded call may run before the process is ended."""
 STALLED_EXIT_STATUS: Final = 1
 """The exit status of a process the watchdog ends: a failure, like any other fatal error."""
+OUTAGE_CHECK_SECONDS: Final = 2.0
+"""How often the watchdog asks whether a broker answers while a guarded call waits out an outage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +54,12 @@ class _Guarded:
     timeout: float
     started: float
     deadline: float
+    next_check: float
+    """When to ask next whether a broker answers (with `cluster_answers`)."""
+    outage_seen: float | None = None
+    """The last time the watchdog found no broker answering during this call."""
+    checked: float | None = None
+    """The last time the watchdog asked whether a broker answers, during this call."""
 
 
 def exit_stalled(error: StalledError) -> None:
@@ -65,11 +81,16 @@ class Watchdog:
         self,
         grace: float = STALL_GRACE_SECONDS,
         on_stall: Callable[[StalledError], None] = exit_stalled,
+        cluster_answers: Callable[[], bool] | None = None,
+        outage_check: float = OUTAGE_CHECK_SECONDS,
     ) -> None:
         if grace < 0:
             raise ValueError(f"grace must be >= 0, got {grace}")
         self.grace = grace
         self._on_stall = on_stall
+        self._cluster_answers = cluster_answers
+        """Whether any broker answers now; called on the watchdog's thread, may block briefly."""
+        self._outage_check = outage_check
         self._condition = threading.Condition()
         self._guarded: _Guarded | None = None
         self._tokens = 0
@@ -85,7 +106,12 @@ class Watchdog:
             self._tokens += 1
             started = time.monotonic()
             self._guarded = _Guarded(
-                self._tokens, what, timeout, started, started + timeout + self.grace
+                self._tokens,
+                what,
+                timeout,
+                started,
+                deadline=started + timeout + self.grace,
+                next_check=started + self._outage_check,
             )
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(
@@ -108,6 +134,13 @@ class Watchdog:
             return None
         return guarded.what, time.monotonic() - guarded.started
 
+    @property
+    def waiting_for_brokers(self) -> bool:
+        """Whether the guarded call is waiting out an outage: at the last check, no broker
+        answered (any thread)."""
+        guarded = self._guarded
+        return guarded is not None and guarded.outage_seen == guarded.checked
+
     def close(self) -> None:
         """Stop watching and end the thread."""
         with self._condition:
@@ -127,10 +160,15 @@ class Watchdog:
                     if guarded is None or guarded.token == reported:
                         self._condition.wait()
                         continue
-                    remaining = guarded.deadline - time.monotonic()
+                    due = guarded.deadline
+                    if self._cluster_answers is not None:
+                        due = min(due, guarded.next_check)
+                    remaining = due - time.monotonic()
                     if remaining <= 0:
                         break
                     self._condition.wait(remaining)
+            if self._cluster_answers is not None and self._within_time(guarded):
+                continue
             reported = guarded.token
             blocked = time.monotonic() - guarded.started
             self._on_stall(
@@ -142,3 +180,31 @@ class Watchdog:
                     "restarted scorer aborts it and resumes from the last committed offsets"
                 )
             )
+
+    def _within_time(self, guarded: _Guarded) -> bool:
+        """Ask whether a broker answers, for the slow call `guarded`: if none does, its deadline
+        moves to `timeout + grace` from now. False: the call is past its deadline (stalled)."""
+        assert self._cluster_answers is not None
+        answers = self._cluster_answers()
+        now = time.monotonic()
+        with self._condition:
+            current = self._guarded
+            if current is None or current.token != guarded.token:
+                return True  # the call returned meanwhile
+            deadline = current.deadline
+            if not answers:
+                if current.outage_seen is None:
+                    log.warning(
+                        "no broker answers; the blocked call waits for one",
+                        call=current.what,
+                        blocked_seconds=round(now - current.started, 1),
+                    )
+                deadline = max(deadline, now + current.timeout + self.grace)
+            self._guarded = replace(
+                current,
+                deadline=deadline,
+                next_check=now + self._outage_check,
+                outage_seen=current.outage_seen if answers else now,
+                checked=now,
+            )
+            return deadline > now

@@ -568,14 +568,6 @@ def folded_retries(entries: Sequence[dict[str, Any]]) -> int:
     )
 
 
-def stopped_by(entries: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
-    """(error class, error) of the scorer's last "stopped" line: it ended on that error."""
-    for entry in reversed(entries):
-        if entry.get("event") == "stopped" and "error_class" in entry:
-            return str(entry["error_class"]), str(entry.get("error", ""))
-    return None
-
-
 # -- judging by content ---------------------------------------------------------------------------
 
 _DEFAULTS: Final = Settings.model_construct()

@@ -18,7 +18,6 @@ from tests.fault.support import (
     folded_retries,
     log_entries,
     repeat_bound,
-    stopped_by,
     unrecovered,
 )
 
@@ -183,11 +182,3 @@ def test_folded_retries_add_up_the_recovery_lines() -> None:
     """The retries each client counted instead of logging them."""
     entries = [all_down("consumer"), reachable("consumer", 529), reachable("producer", 91)]
     assert folded_retries(entries) == 620
-
-
-def test_stopped_by_is_the_last_stopped_line_with_an_error() -> None:
-    """The error a scorer ended on; None when it stopped cleanly."""
-    clean: list[dict[str, Any]] = [{"event": "scorer stopped", "consumed": 3}]
-    assert stopped_by(clean) is None
-    failed = [*clean, {"event": "stopped", "error_class": "StalledError", "error": "blocked"}]
-    assert stopped_by(failed) == ("StalledError", "blocked")

@@ -149,6 +149,8 @@ class FakeConsumer:
 class NoWatchdog:
     """A watchdog that never fires."""
 
+    waiting_for_brokers = False
+
     @contextmanager
     def guard(self, what: str, timeout: float) -> Iterator[None]:
         yield

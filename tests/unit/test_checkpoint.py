@@ -12,7 +12,7 @@ from streamer.errors import DeliveryFailedError, FencedError
 from streamer.headers import CHANGELOG_POSITION
 from streamer.kafka.changelog import value_position
 from streamer.kafka.checkpoint import AtLeastOnce, Changelog, Checkpoint, ExactlyOnce
-from streamer.kafka.clients import OutputProducer
+from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.kafka.transactions import AbortableError, Transactions
 from streamer.state.store import KeyedStore, StateCodec
 from tests.unit.fakes import FakeConsumer, FakeTransactions, RecordingProducer
@@ -274,3 +274,97 @@ class TestFailure:
             assert [e[0] for e in rig.events].count("abort") == 1
         else:
             assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+
+
+def lose_brokers(errors: ClientErrors) -> None:
+    """What librdkafka's error callback reports once a client has no broker left."""
+    errors(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+
+
+class TestEveryBrokerDown:
+    """Exactly-once while a client has every broker down: the transaction waits, open."""
+
+    def test_no_commit_is_begun_until_a_broker_answers(self) -> None:
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        lose_brokers(rig.producer.errors)
+        rig.checkpoint.maintain()
+        rig.feed(0, range(2, 3))
+        rig.checkpoint.maintain()
+        assert [e[0] for e in rig.events if e[0] in ("flush", "commit", "abort")] == []
+        assert rig.checkpoint.pending
+        assert rig.store.position(0) == 3  # the state keeps what the open transaction holds
+
+        rig.producer.errors.reachable()  # what the loop's probe does once a broker answers
+        rig.checkpoint.maintain()
+        assert rig.committed() == [("commit", [(INPUT, 0, 3)])]
+        assert rig.checkpoint.aborted == 0
+
+    def test_an_output_that_timed_out_meanwhile_aborts_once_a_broker_answers(self) -> None:
+        """An abort the returning coordinator has no record of is refused as fatal: it waits."""
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        rig.checkpoint.maintain()
+        lose_brokers(rig.producer.errors)
+        rig.producer.refuse.add(OUTPUT)
+        rig.producer.refuse_error = KafkaError(KafkaError._MSG_TIMED_OUT)
+        rig.feed(0, range(2, 4))
+        rig.checkpoint.maintain()
+        assert rig.checkpoint.aborted == 0
+        rig.producer.errors.reachable()
+        rig.checkpoint.maintain()
+        assert rig.checkpoint.aborted == 1
+        assert rig.store.values(0) == {"k": [0, 1]}
+        assert (INPUT, 0, 2) in rig.consumer.seeks
+
+    def test_the_consumer_having_every_broker_down_holds_it_too(self) -> None:
+        rig = Rig("exactly-once")
+        consumer_errors = ClientErrors("consumer")
+        rig.checkpoint = ExactlyOnce(
+            cast(Consumer, rig.consumer),
+            cast(OutputProducer, rig.producer),
+            [Changelog(rig.store, CHANGELOG)],
+            0.0,
+            cast(Transactions, rig.transactions),
+            consumer_errors,
+        )
+        rig.feed(0, range(0, 2))
+        lose_brokers(consumer_errors)
+        rig.checkpoint.maintain()
+        assert rig.committed() == []
+        consumer_errors.reachable()
+        rig.checkpoint.maintain()
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+
+    def test_brokers_lost_while_waiting_for_outputs_leave_it_open(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The wait for acknowledgements ends when every broker goes: no abort after
+        `FLUSH_SECONDS`, the transaction stays open and commits once they are back."""
+        rig = Rig("exactly-once")
+        rig.producer.hold.add(OUTPUT)
+        rig.feed(0, range(0, 2))
+        flush = rig.producer.flush
+
+        def flush_losing_brokers(timeout: float) -> int:
+            lose_brokers(rig.producer.errors)  # librdkafka's error callback, served by flush
+            return flush(timeout)
+
+        monkeypatch.setattr(rig.producer, "flush", flush_losing_brokers)
+        rig.checkpoint.maintain()
+        assert rig.committed() == []
+        assert rig.checkpoint.aborted == 0
+        assert rig.checkpoint.pending
+
+        monkeypatch.setattr(rig.producer, "flush", flush)
+        rig.producer.hold.clear()
+        rig.producer.errors.reachable()
+        rig.checkpoint.maintain()
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+
+    def test_a_clean_stop_meanwhile_commits_nothing(self) -> None:
+        rig = Rig("exactly-once")
+        rig.feed(0, range(0, 2))
+        lose_brokers(rig.producer.errors)
+        rig.checkpoint.close(clean=True)
+        assert [e[0] for e in rig.events if e[0] in ("commit", "abort")] == []

@@ -133,3 +133,63 @@ def test_guarding_names_the_call_under_way() -> None:
         assert watchdog.guarding is None
     finally:
         watchdog.close()
+
+
+class Cluster:
+    """Answers (or not) the watchdog's question whether a broker answers; counts the asking."""
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.answers
+
+
+def test_a_call_waiting_out_an_outage_is_left_to_wait() -> None:
+    """While no broker answers, a blocked call is waiting, not hung; once one answers again,
+    its timeout and grace count from then."""
+    stalls = Stalls()
+    cluster = Cluster(answers=False)
+    watchdog = Watchdog(grace=0.05, on_stall=stalls, cluster_answers=cluster, outage_check=0.02)
+    try:
+        with watchdog.guard("send_offsets_to_transaction", 0.05):
+            assert not stalls.event.wait(0.5), "reported while no broker answered"
+            assert cluster.asked >= 5
+            assert watchdog.waiting_for_brokers  # what `/livez` takes for live
+            cluster.answers = True
+            back = time.monotonic()
+            assert stalls.event.wait(WAIT), "not reported once the brokers answered"
+            assert time.monotonic() - back >= 0.05
+        assert len(stalls.errors) == 1
+    finally:
+        watchdog.close()
+
+
+def test_a_call_returning_after_an_outage_is_not_reported() -> None:
+    stalls = Stalls()
+    cluster = Cluster(answers=False)
+    watchdog = Watchdog(grace=0.05, on_stall=stalls, cluster_answers=cluster, outage_check=0.02)
+    try:
+        with watchdog.guard("commit_transaction", 0.05):
+            time.sleep(0.3)
+            cluster.answers = True
+        assert not stalls.event.wait(0.3)
+    finally:
+        watchdog.close()
+    assert stalls.errors == []
+
+
+def test_quick_calls_never_ask_the_cluster() -> None:
+    """A call normally takes milliseconds: only one running `outage_check` seconds asks."""
+    cluster = Cluster(answers=True)
+    watchdog = Watchdog(grace=5.0, on_stall=Stalls(), cluster_answers=cluster, outage_check=0.5)
+    try:
+        for _ in range(20):
+            with watchdog.guard("commit_transaction", 5.0):
+                pass
+        time.sleep(0.6)
+    finally:
+        watchdog.close()
+    assert cluster.asked == 0
