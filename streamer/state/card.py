@@ -31,6 +31,7 @@ Not thread-safe: a history belongs to the loop that scores its card.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import struct
@@ -243,19 +244,20 @@ class CardHistory:
 
         day = t // DAY_MS
         days = self._days
-        same_day = day == latest // DAY_MS
-        if same_day:
-            count_30d = days[_EARLIER_COUNT] + days[_TODAY_COUNT]
-            sum_30d = days[_EARLIER_SUM] + days[_TODAY_SUM]
-        else:
+        latest_day = latest // DAY_MS
+        # The earlier days' totals are sums from the oldest day on, so adding the latest day's
+        # gives the window's total as summing every day would.
+        count_30d = days[_EARLIER_COUNT] + days[_TODAY_COUNT]
+        sum_30d = days[_EARLIER_SUM] + days[_TODAY_SUM]
+        if day != latest_day:
             # A new day (once a day is enough to drop what the window no longer holds): the
             # latest day joins the earlier ones, and those before the window go.
-            days.extend((latest // DAY_MS, days[_TODAY_COUNT], days[_TODAY_SUM]))
-            first_day = bisect_left(days[_EARLIER::3], day - (RETENTION_DAYS - 1))
-            if first_day:
-                del days[_EARLIER : _EARLIER + 3 * first_day]
-            count_30d = sum(days[_EARLIER + 1 :: 3], 0.0)
-            sum_30d = sum(days[_EARLIER + 2 :: 3], 0.0)
+            days.extend((latest_day, days[_TODAY_COUNT], days[_TODAY_SUM]))
+            first_kept = day - (RETENTION_DAYS - 1)
+            if days[_EARLIER] < first_kept:
+                del days[_EARLIER : _EARLIER + 3 * bisect_left(days[_EARLIER::3], first_kept)]
+                count_30d = _day_total(days[_EARLIER + 1 :: 3])
+                sum_30d = _day_total(days[_EARLIER + 2 :: 3])
 
         merchant_times = self._merchant_times
         country_times = self._country_times
@@ -306,13 +308,18 @@ class CardHistory:
         drop = start_7d if held < MAX_EVENTS else max(start_7d, held + 1 - MAX_EVENTS)
         if drop:
             del times[:drop], amounts[:drop]
-        if same_day:
+        if day == latest_day:
             days[_TODAY_COUNT] += 1.0
             days[_TODAY_SUM] += amount
         else:
-            days[:_EARLIER] = array("d", (1.0, amount, count_30d, sum_30d))
-            _forget_until(merchant_seen, merchant_times, cutoff_30d)
-            _forget_until(country_seen, country_times, cutoff_30d)
+            days[_TODAY_COUNT] = 1.0
+            days[_TODAY_SUM] = amount
+            days[_EARLIER_COUNT] = count_30d
+            days[_EARLIER_SUM] = sum_30d
+            if merchant_times and merchant_times[0] <= cutoff_30d:
+                _forget_until(merchant_seen, merchant_times, cutoff_30d)
+            if country_times and country_times[0] <= cutoff_30d:
+                _forget_until(country_seen, country_times, cutoff_30d)
         merchant_seen[merchant] = t
         merchant_times.append(t)
         if len(merchant_times) > MAX_REMEMBERED:
@@ -322,6 +329,20 @@ class CardHistory:
         if len(country_times) > MAX_REMEMBERED:
             del country_seen[next(iter(country_seen))], country_times[0]
         return row
+
+
+# The day totals are added one day at a time, oldest first: a new day adds its total to the
+# earlier days' stored one, and a recount must give the same bits. sum() adds floats that way
+# up to 3.11 (the image's Python); from 3.12 on it compensates, so it would not.
+if sys.version_info >= (3, 12):
+
+    def _day_total(values: array[float]) -> float:
+        return functools.reduce(operator.add, values, 0.0)
+
+else:
+
+    def _day_total(values: array[float]) -> float:
+        return sum(values, 0.0)
 
 
 def _forget_until(seen: dict[str, int], times: array[int], cutoff: int) -> None:
@@ -499,8 +520,8 @@ def decode_history(data: bytes) -> CardHistory:
         for ago, count, total in zip(days_ago[:-1], day_counts[:-1], day_sums[:-1], strict=True):
             days.extend((latest_day - ago, count, total))
         # Summed as a new day sums them, so the totals come back bit for bit.
-        days[_EARLIER_COUNT] = sum(days[_EARLIER + 1 :: 3], 0.0)
-        days[_EARLIER_SUM] = sum(days[_EARLIER + 2 :: 3], 0.0)
+        days[_EARLIER_COUNT] = _day_total(days[_EARLIER + 1 :: 3])
+        days[_EARLIER_SUM] = _day_total(days[_EARLIER + 2 :: 3])
     history._merchant_seen = merchant_seen
     history._merchant_times = merchant_times
     history._country_seen = country_seen
