@@ -105,8 +105,22 @@ _EARLIER_COUNT: Final = 2
 _EARLIER_SUM: Final = 3
 _EARLIER: Final = 4
 _NO_DAYS: Final = (0.0, 0.0, 0.0, 0.0)
-_FIRST_ROW: Final[tuple[float, ...]] = (0.0, 0.0, _NAN) * 3 + (_NAN, _NAN) + (0.0,) * 4 + (1.0, 1.0)
-"""The features of a card's first transaction (or its first after 30 idle days)."""
+# A record's row as `CardHistory._score_and_apply` gives it: the count and sum of each window
+# (1 hour, 24 hours, 7 days, 30 days), the milliseconds since the card's latest record, then the
+# last six features as they are. `history_features` divides for the means, the 30-day ratio and
+# the seconds, a column at a time.
+_ROW_WIDTH: Final = 15
+_ROW_COUNT_SUMS: Final = slice(0, 6)
+_OUT_COUNT_SUMS: Final = [0, 1, 3, 4, 6, 7]
+_MEANS: Final = ((0, 2), (2, 5), (4, 8))
+"""(row column of a window's count, followed by its sum; out column of its mean)."""
+_ROW_30D: Final = 6
+_ROW_GAP: Final = 8
+_GAP_COLUMN: Final = HISTORY_FEATURES.index("seconds_since_previous")
+_ROW_LAST: Final = slice(9, None)
+_OUT_LAST: Final = slice(_WIDTH - 6, None)
+_FIRST_ROW: Final[tuple[float, ...]] = (0.0,) * 8 + (_NAN,) + (0.0,) * 4 + (1.0, 1.0)
+"""The row of a card's first transaction (or its first after 30 idle days)."""
 
 
 class StateDecodeError(StreamerError, ValueError):
@@ -210,10 +224,10 @@ class CardHistory:
     def _score_and_apply(
         self, event_time: int, amount: float, merchant: str, country: str
     ) -> tuple[float, ...]:
-        """The record's row of `HISTORY_FEATURES` from the history before it; then apply it.
+        """The record's row (`_ROW_WIDTH` values) from the history before it; then apply it.
 
-        The ratio column holds the 30-day mean; `history_features` divides, vectorised. The ids
-        must be interned.
+        `history_features` makes the row's counts and sums into `HISTORY_FEATURES`, dividing a
+        column at a time. The ids must be interned.
         """
         times = self._times
         latest = times[-1] if times else _NEVER
@@ -267,33 +281,44 @@ class CardHistory:
         merchants_24h = bisect_right(merchant_times, cutoff_24h, merchants_7d)
         countries_7d = bisect_right(country_times, cutoff_7d)
         countries_24h = bisect_right(country_times, cutoff_24h, countries_7d)
-        # The ids seen again leave their place now and go to the end when the record is applied.
+        # The ids seen again move to the end of their map, at time t. In the array any entry with
+        # the id's old time will do: the last one, the common case, takes t in place. A new id
+        # past `MAX_REMEMBERED` forgets the least recently seen.
         merchant_seen = self._merchant_seen
-        country_seen = self._country_seen
-        # (Any entry with the id's time will do in the array; the last one is the cheapest.)
         merchant_last = merchant_seen.pop(merchant, _NEVER)
+        merchant_seen[merchant] = t
         if merchant_last == merchant_times[-1]:
-            merchant_times.pop()
+            merchant_times[-1] = t
         elif merchant_last != _NEVER:
             del merchant_times[bisect_left(merchant_times, merchant_last)]
+            merchant_times.append(t)
+        else:
+            if merchants >= MAX_REMEMBERED:
+                del merchant_seen[next(iter(merchant_seen))], merchant_times[0]
+            merchant_times.append(t)
+        country_seen = self._country_seen
         country_last = country_seen.pop(country, _NEVER)
+        country_seen[country] = t
         if country_last == country_times[-1]:
-            country_times.pop()
+            country_times[-1] = t
         elif country_last != _NEVER:
             del country_times[bisect_left(country_times, country_last)]
+            country_times.append(t)
+        else:
+            if countries >= MAX_REMEMBERED:
+                del country_seen[next(iter(country_seen))], country_times[0]
+            country_times.append(t)
 
         row = (
             count_1h,
             sum_1h,
-            sum_1h / count_1h if count_1h else _NAN,
             count_24h,
             sum_24h,
-            sum_24h / count_24h if count_24h else _NAN,
             count_7d,
             sum_7d,
-            sum_7d / count_7d if count_7d else _NAN,
-            sum_30d / count_30d if count_30d else _NAN,
-            (t - latest) / 1000,
+            count_30d,
+            sum_30d,
+            t - latest,
             merchants - merchants_24h,
             merchants - merchants_7d,
             countries - countries_24h,
@@ -316,18 +341,11 @@ class CardHistory:
             days[_TODAY_SUM] = amount
             days[_EARLIER_COUNT] = count_30d
             days[_EARLIER_SUM] = sum_30d
-            if merchant_times and merchant_times[0] <= cutoff_30d:
+            # This record's ids are at t now, inside the window: the ids forgotten are the first.
+            if merchant_times[0] <= cutoff_30d:
                 _forget_until(merchant_seen, merchant_times, cutoff_30d)
-            if country_times and country_times[0] <= cutoff_30d:
+            if country_times[0] <= cutoff_30d:
                 _forget_until(country_seen, country_times, cutoff_30d)
-        merchant_seen[merchant] = t
-        merchant_times.append(t)
-        if len(merchant_times) > MAX_REMEMBERED:
-            del merchant_seen[next(iter(merchant_seen))], merchant_times[0]
-        country_seen[country] = t
-        country_times.append(t)
-        if len(country_times) > MAX_REMEMBERED:
-            del country_seen[next(iter(country_seen))], country_times[0]
         return row
 
 
@@ -384,7 +402,7 @@ def history_features(
     amounts_in = _plain(amounts)
     intern = sys.intern
     get = histories.get
-    rows: list[tuple[float, ...]] = []
+    rows: list[tuple[float, ...]] = []  # `_ROW_WIDTH` values each
     append = rows.append
     for card_id, event_time, amount, merchant, country in zip(
         card_ids, times_in, amounts_in, merchants, countries, strict=True
@@ -397,13 +415,23 @@ def history_features(
             append(_FIRST_ROW)
         else:
             append(history._score_and_apply(event_time, amount, intern(merchant), intern(country)))
-    out[:] = np.fromiter(chain.from_iterable(rows), np.float64, count * _WIDTH).reshape(
-        count, _WIDTH
+    row = np.fromiter(chain.from_iterable(rows), np.float64, count * _ROW_WIDTH).reshape(
+        count, _ROW_WIDTH
     )
-    # The ratio column holds the 30-day mean: divide as numpy does the profile ratio, so a zero
-    # mean gives inf (NaN for a zero amount) and no mean gives NaN.
+    out[:, _OUT_COUNT_SUMS] = row[:, _ROW_COUNT_SUMS]
+    out[:, _OUT_LAST] = row[:, _ROW_LAST]
+    # Each division is the one Python would do (counts are exact in a double); a window without
+    # transactions has no mean (NaN).
+    np.divide(row[:, _ROW_GAP], 1000.0, out=out[:, _GAP_COLUMN])
     ratio = out[:, _RATIO_COLUMN]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for count_column, column in (*_MEANS, (_ROW_30D, _RATIO_COLUMN)):
+            counts = row[:, count_column]
+            mean = out[:, column]
+            mean.fill(_NAN)
+            np.divide(row[:, count_column + 1], counts, out=mean, where=counts != 0.0)
+        # The ratio column holds the 30-day mean: divide as numpy does the profile ratio, so a
+        # zero mean gives inf (NaN for a zero amount) and no mean gives NaN.
         np.divide(np.asarray(amounts_in, dtype=np.float64), ratio, out=ratio)
 
 
