@@ -39,7 +39,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import chain, islice
+from itertools import accumulate, chain, islice
 from typing import Any, Final
 
 import numpy as np
@@ -456,9 +456,12 @@ def is_expired(history: CardHistory, now_ms: int) -> bool:
 
 # -- the changelog codec -------------------------------------------------------------------------
 
-_FORMAT_VERSION: Final = 1
+_FORMAT_VERSION: Final = 2
+_FORMAT_1: Final = 1
+"""The format before the day buckets were written as held; still read."""
 _HEADER: Final = struct.Struct("<BHHHH")
-"""Format version, then how many transactions, days, merchants and countries."""
+"""Format version, then how many transactions, days (the latest included), merchants and
+countries."""
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 _MAX_DAY_COUNT: Final = 2**31
 """Far above any card's day, and far enough below the u32 field that counting on cannot reach it."""
@@ -467,57 +470,135 @@ _MAX_DAY_COUNT: Final = 2**31
 def encode_history(history: CardHistory) -> bytes:
     """The history as compact little-endian bytes; `decode_history` reads them back equal.
 
-    Format 1, after `_HEADER` (whose first byte is the version): the transactions' effective
-    times (i64) and amounts (f64); the day buckets, oldest first, the latest day last: how many
-    days each is before the latest one (u8), its count (u32) and sum (f64); the merchants' UTF-8
-    lengths (u16) and last-seen times (i64), the same for the countries, then the merchant and
-    country ids' UTF-8 bytes. Ids longer than 65,535 UTF-8 bytes raise `OverflowError`
-    (validation caps them at 128 characters).
+    Format 2, after `_HEADER` (whose first byte is the version): the transactions' effective
+    times (i64) and amounts (f64); the day buckets as held (f64: the latest day's count and sum,
+    the earlier days' totals, then per earlier day, oldest first, its day number, count and
+    sum); the merchants' last-seen times (i64), the countries' (i64); each merchant's, then each
+    country's, id length in code points (u16); then all the ids, merchants first, as one UTF-8
+    text. Every part is an array copied as it is (the ids joined), so encoding costs no step
+    per day or per id. Ids longer than 65,535 code points raise `OverflowError` (validation caps
+    them at 128 characters).
     """
     h = history
-    merchants = [key.encode() for key in h._merchant_seen]
-    countries = [key.encode() for key in h._country_seen]
     times = h._times
-    if times:
-        days = h._days
-        latest_day = times[-1] // DAY_MS
-        days_ago = bytes([latest_day - int(day) for day in days[_EARLIER::3]]) + b"\0"
-        day_counts = array("I", map(int, days[_EARLIER + 1 :: 3]))
-        day_counts.append(int(days[_TODAY_COUNT]))
-        day_sums = days[_EARLIER + 2 :: 3]
-        day_sums.append(days[_TODAY_SUM])
-    else:
-        days_ago, day_counts, day_sums = b"", array("I"), array("d")
+    days = h._days
+    merchant_seen = h._merchant_seen
+    country_seen = h._country_seen
     arrays: tuple[array[Any], ...] = (
         times,
         h._amounts,
-        day_counts,
-        day_sums,
-        array("H", map(len, merchants)),
+        days,
         h._merchant_times,
-        array("H", map(len, countries)),
         h._country_times,
+        array("H", map(len, chain(merchant_seen, country_seen))),
     )
     if _BIG_ENDIAN:
         arrays = tuple(map(_swapped, arrays))
-    head = _HEADER.pack(_FORMAT_VERSION, len(times), len(days_ago), len(merchants), len(countries))
-    first, second, *rest = [a.tobytes() for a in arrays]
-    return b"".join((head, first, second, days_ago, *rest, *merchants, *countries))
+    head = _HEADER.pack(
+        _FORMAT_VERSION,
+        len(times),
+        (len(days) - _EARLIER) // 3 + bool(times),
+        len(merchant_seen),
+        len(country_seen),
+    )
+    a, b, c, d, e, f = [values.tobytes() for values in arrays]
+    return b"".join((head, a, b, c, d, e, f, "".join(chain(merchant_seen, country_seen)).encode()))
 
 
 def decode_history(data: bytes) -> CardHistory:
-    """A history from `encode_history` bytes; raises `StateDecodeError` saying what is wrong.
+    """A history from `encode_history` bytes, of format 2 or 1; raises `StateDecodeError` saying
+    what is wrong.
 
     Every length is checked against the bytes left before anything is built, so hostile bytes
     cost no more than their size. Nothing is unpickled.
     """
     if not data:
         raise StateDecodeError("card history is empty: no format version")
+    if data[0] == _FORMAT_1:
+        return _decode_format_1(data)
     if data[0] != _FORMAT_VERSION:
         raise StateDecodeError(
-            f"card history format {data[0]} is not {_FORMAT_VERSION}, the only one this code"
-            " reads (written by a newer version, or not a card history)"
+            f"card history format {data[0]} is not {_FORMAT_VERSION} or {_FORMAT_1}, the ones"
+            " this code reads (written by a newer version, or not a card history)"
         )
+    reader = _Reader(data)
+    _, n_events, n_days, n_merchants, n_countries = _HEADER.unpack(
+        reader.take(_HEADER.size, "header")
+    )
+    if (n_days == 0) != (n_events == 0):
+        raise StateDecodeError(f"card history has {n_events} transactions over {n_days} days")
+    times = reader.numbers("q", n_events, "transaction times")
+    amounts = reader.numbers("d", n_events, "amounts")
+    days = reader.numbers("d", _EARLIER + 3 * max(n_days - 1, 0), "day buckets")
+    merchant_times = reader.numbers("q", n_merchants, "merchant times")
+    country_times = reader.numbers("q", n_countries, "country times")
+    lengths = reader.numbers("H", n_merchants + n_countries, "id lengths")
+    try:
+        text = data[reader.position :].decode()
+    except UnicodeDecodeError as exc:
+        raise StateDecodeError(f"card history ids are not UTF-8: {exc}") from None
+    ends = list(accumulate(lengths))
+    held = ends[-1] if ends else 0
+    if held != len(text):
+        raise StateDecodeError(
+            f"card history is truncated: ids need {held} code points, {len(text)} left"
+            if held > len(text)
+            else f"card history has {len(text) - held} code points after its last field"
+        )
+    ids = list(map(sys.intern, map(text.__getitem__, map(slice, chain((0,), ends), ends))))
+    merchant_seen = _last_seen(ids[:n_merchants], merchant_times, "merchant")
+    country_seen = _last_seen(ids[n_merchants:], country_times, "country")
+    _check_invariants(times, merchant_times, country_times)
+    _check_days(times, days)
+
+    history = CardHistory()
+    history._times = times
+    history._amounts = amounts
+    history._days = days
+    history._merchant_seen = merchant_seen
+    history._merchant_times = merchant_times
+    history._country_seen = country_seen
+    history._country_times = country_times
+    return history
+
+
+def _last_seen(ids: list[str], times: array[int], what: str) -> dict[str, int]:
+    seen = dict(zip(ids, times, strict=True))
+    if len(seen) != len(times):
+        raise StateDecodeError(f"card history remembers a {what} twice")
+    return seen
+
+
+def _check_days(times: array[int], days: array[float]) -> None:
+    """Refuse format 2 day buckets `history_features` could not have left.
+
+    Without transactions, all zero and no earlier day. With: counts are whole and at most
+    `_MAX_DAY_COUNT`, earlier days whole and ascending before the latest transaction's day, and
+    the earlier days' totals are their counts and sums added up as a new day adds them.
+    """
+    if not times:
+        if days.tobytes() != bytes(8 * _EARLIER):
+            raise StateDecodeError("card history without transactions holds days")
+        return
+    earlier_days = days[_EARLIER::3]
+    counts = days[_EARLIER + 1 :: 3]
+    counts.append(days[_TODAY_COUNT])
+    if not all(map(float.is_integer, chain(earlier_days, counts))):
+        raise StateDecodeError("card history has a day or a day count that is not whole")
+    if not 0 <= min(counts) <= max(counts) <= _MAX_DAY_COUNT:
+        raise StateDecodeError(f"card history day count {max(counts)} is implausible")
+    if not all(map(operator.lt, earlier_days, islice(earlier_days, 1, None))):
+        raise StateDecodeError("card history days are not in ascending order")
+    if earlier_days and earlier_days[-1] >= times[-1] // DAY_MS:
+        raise StateDecodeError("card history has an earlier day after its latest")
+    totals = array("d", (_day_total(counts[:-1]), _day_total(days[_EARLIER + 2 :: 3])))
+    if totals.tobytes() != days[_EARLIER_COUNT:_EARLIER].tobytes():
+        raise StateDecodeError("card history day totals do not add up")
+
+
+def _decode_format_1(data: bytes) -> CardHistory:
+    """A history from format 1 bytes (day buckets as days before the latest, u32 counts and
+    sums, the latest day last; ids each with its UTF-8 length)."""
     reader = _Reader(data)
     _, n_events, n_days, n_merchants, n_countries = _HEADER.unpack(
         reader.take(_HEADER.size, "header")
@@ -537,7 +618,8 @@ def decode_history(data: bytes) -> CardHistory:
         raise StateDecodeError(
             f"card history has {len(data) - reader.position} bytes after its last field"
         )
-    _check_invariants(times, days_ago, day_counts, merchant_times, country_times)
+    _check_invariants(times, merchant_times, country_times)
+    _check_days_format_1(times, days_ago, day_counts)
 
     history = CardHistory()
     history._times = times
@@ -558,17 +640,13 @@ def decode_history(data: bytes) -> CardHistory:
 
 
 def _check_invariants(
-    times: array[int],
-    days_ago: bytes,
-    day_counts: array[int],
-    merchant_times: array[int],
-    country_times: array[int],
+    times: array[int], merchant_times: array[int], country_times: array[int]
 ) -> None:
-    """Refuse decoded fields `history_features` could not have left: it relies on them.
+    """Refuse decoded times and ids `history_features` could not have left: it relies on them.
 
     Times ascend (windows are bisected) and none is after the latest transaction; a card with
-    transactions has a bucket for its latest day and remembers the merchant and country of its
-    latest transaction at least, one without has nothing at all.
+    transactions remembers the merchant and country of its latest transaction at least, one
+    without has no ids at all.
     """
     for values, what in (
         (times, "transaction times"),
@@ -578,13 +656,22 @@ def _check_invariants(
         if not _ascending(values):
             raise StateDecodeError(f"card history {what} are not in ascending order")
     if not times:
-        if days_ago or merchant_times or country_times:
-            raise StateDecodeError("card history without transactions holds days or ids")
+        if merchant_times or country_times:
+            raise StateDecodeError("card history without transactions holds ids")
         return
     if not merchant_times or not country_times:
         raise StateDecodeError("card history has no merchant or country for its transactions")
     if max(merchant_times[-1], country_times[-1]) > times[-1]:
         raise StateDecodeError("card history saw an id after its latest transaction")
+
+
+def _check_days_format_1(times: array[int], days_ago: bytes, day_counts: array[int]) -> None:
+    """Refuse format 1 day buckets: a card with transactions has a bucket for its latest day,
+    one without has none."""
+    if not times:
+        if days_ago:
+            raise StateDecodeError("card history without transactions holds days")
+        return
     if not days_ago or days_ago[-1] != 0:
         raise StateDecodeError("card history has no bucket for its latest day")
     if not all(map(operator.gt, days_ago, days_ago[1:])):
