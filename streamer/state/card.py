@@ -243,18 +243,40 @@ class CardHistory:
         cutoff_24h = t - DAY_MS
         amounts = self._amounts
         held = len(times)
-        # Each window is a tail of the ascending times; the windows nest, so each amount is
-        # summed once: the 24-hour sum continues from the 1-hour one, the 7-day from that (and
-        # an empty part, common for the hour, costs no slice).
+        merchant_times = self._merchant_times
+        country_times = self._country_times
+        merchants = len(merchant_times)
+        countries = len(country_times)
+        # Each window is a tail of the ascending times (and so is each window's ids); the windows
+        # nest, so each amount is summed once: the 24-hour sum continues from the 1-hour one,
+        # the 7-day from that. A window the card's latest record is not in is empty: no
+        # bisection and no slice (the hour, mostly; the day, for a card used daily or less).
         start_7d = bisect_right(times, cutoff_7d)
-        start_24h = bisect_right(times, cutoff_24h, start_7d)
-        start_1h = bisect_right(times, t - HOUR_MS, start_24h)
-        sum_1h = sum(amounts[start_1h:], 0.0) if start_1h < held else 0.0
-        sum_24h = sum(amounts[start_24h:start_1h], sum_1h) if start_24h < start_1h else sum_1h
-        sum_7d = sum(amounts[start_7d:start_24h], sum_24h) if start_7d < start_24h else sum_24h
-        count_1h = held - start_1h
-        count_24h = held - start_24h
+        merchants_7d = bisect_right(merchant_times, cutoff_7d)
+        countries_7d = bisect_right(country_times, cutoff_7d)
+        if latest > cutoff_24h:
+            start_24h = bisect_right(times, cutoff_24h, start_7d)
+            merchants_24h = bisect_right(merchant_times, cutoff_24h, merchants_7d)
+            countries_24h = bisect_right(country_times, cutoff_24h, countries_7d)
+            cutoff_1h = t - HOUR_MS
+            if latest > cutoff_1h:
+                start_1h = bisect_right(times, cutoff_1h, start_24h)
+                count_1h = held - start_1h
+                sum_1h = sum(amounts[start_1h:], 0.0)
+            else:
+                start_1h = held
+                count_1h = 0
+                sum_1h = 0.0
+            count_24h = held - start_24h
+            sum_24h = sum(amounts[start_24h:start_1h], sum_1h) if start_24h < start_1h else sum_1h
+        else:
+            start_24h = held
+            merchants_24h = merchants
+            countries_24h = countries
+            count_1h = count_24h = 0
+            sum_1h = sum_24h = 0.0
         count_7d = held - start_7d
+        sum_7d = sum(amounts[start_7d:start_24h], sum_24h) if start_7d < start_24h else sum_24h
 
         day = t // DAY_MS
         days = self._days
@@ -273,14 +295,6 @@ class CardHistory:
                 count_30d = _day_total(days[_EARLIER + 1 :: 3])
                 sum_30d = _day_total(days[_EARLIER + 2 :: 3])
 
-        merchant_times = self._merchant_times
-        country_times = self._country_times
-        merchants = len(merchant_times)
-        countries = len(country_times)
-        merchants_7d = bisect_right(merchant_times, cutoff_7d)
-        merchants_24h = bisect_right(merchant_times, cutoff_24h, merchants_7d)
-        countries_7d = bisect_right(country_times, cutoff_7d)
-        countries_24h = bisect_right(country_times, cutoff_24h, countries_7d)
         # The ids seen again move to the end of their map, at time t. In the array any entry with
         # the id's old time will do: the last one, the common case, takes t in place. A new id
         # past `MAX_REMEMBERED` forgets the least recently seen.
@@ -405,16 +419,14 @@ def history_features(
     rows: list[tuple[float, ...]] = []  # `_ROW_WIDTH` values each
     append = rows.append
     for card_id, event_time, amount, merchant, country in zip(
-        card_ids, times_in, amounts_in, merchants, countries, strict=True
+        card_ids, times_in, amounts_in, map(intern, merchants), map(intern, countries), strict=True
     ):
         history = get(card_id)
         if history is None:
-            histories[card_id] = CardHistory._first(
-                event_time, amount, intern(merchant), intern(country)
-            )
+            histories[card_id] = CardHistory._first(event_time, amount, merchant, country)
             append(_FIRST_ROW)
         else:
-            append(history._score_and_apply(event_time, amount, intern(merchant), intern(country)))
+            append(history._score_and_apply(event_time, amount, merchant, country))
     row = np.fromiter(chain.from_iterable(rows), np.float64, count * _ROW_WIDTH).reshape(
         count, _ROW_WIDTH
     )
