@@ -415,18 +415,21 @@ def history_features(
     times_in = _plain(event_times)
     amounts_in = _plain(amounts)
     intern = sys.intern
-    get = histories.get
-    rows: list[tuple[float, ...]] = []  # `_ROW_WIDTH` values each
-    append = rows.append
-    for card_id, event_time, amount, merchant, country in zip(
-        card_ids, times_in, amounts_in, map(intern, merchants), map(intern, countries), strict=True
-    ):
-        history = get(card_id)
-        if history is None:
-            histories[card_id] = CardHistory._first(event_time, amount, merchant, country)
-            append(_FIRST_ROW)
-        else:
-            append(history._score_and_apply(event_time, amount, merchant, country))
+    if not len(times_in) == len(amounts_in) == len(merchants) == len(countries) == count:
+        raise ValueError("the columns must all have one value per record")
+    # A card without a history gets an empty one, which its first record starts.
+    for card_id in set(card_ids).difference(histories):
+        histories[card_id] = CardHistory()
+    rows = list(  # `_ROW_WIDTH` values each
+        map(
+            CardHistory._score_and_apply,
+            map(histories.__getitem__, card_ids),
+            times_in,
+            amounts_in,
+            map(intern, merchants),
+            map(intern, countries),
+        )
+    )
     row = np.fromiter(chain.from_iterable(rows), np.float64, count * _ROW_WIDTH).reshape(
         count, _ROW_WIDTH
     )
