@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from types import FrameType
 from typing import Any, Final
 
@@ -112,6 +113,11 @@ class CardState:
         self.restorer = restorer
 
 
+_PARTITION = itemgetter(1)
+_OFFSET = itemgetter(2)
+"""Fields of a `Source`."""
+
+
 class BatchState:
     """The `StateView` of one polled batch: the histories of its records' partitions."""
 
@@ -124,8 +130,7 @@ class BatchState:
         self._rows: list[int] = []
 
     def checkout(self, rows: Sequence[int], card_ids: Sequence[str]) -> dict[str, CardHistory]:
-        partitions = self._partitions
-        self._rows = [partitions[row] for row in rows]
+        self._rows = list(map(self._partitions.__getitem__, rows))
         self._view = self._store.checkout(self._rows, card_ids)
         return self._view
 
@@ -133,14 +138,18 @@ class BatchState:
         self, card_ids: Sequence[str], event_times: Sequence[int], sources: Sequence[Source]
     ) -> None:
         """Take the updated histories back, with each partition's new position and time."""
-        positions: dict[int, int] = {}
-        for _, partition, offset in sources:
-            positions[partition] = offset + 1
+        # Offsets ascend within a partition: its last source is its latest.
+        latest = dict(zip(map(_PARTITION, sources), map(_OFFSET, sources), strict=True))
+        positions = {partition: offset + 1 for partition, offset in latest.items()}
+        rows = self._rows
         stream_times: dict[int, int] = {}
-        for partition, event_time in zip(self._rows, event_times, strict=True):
-            if event_time > stream_times.get(partition, -1):
-                stream_times[partition] = event_time
-        self._store.checkin(self._view, self._rows, card_ids, positions, stream_times)
+        if rows and rows.count(rows[0]) == len(rows):
+            stream_times[rows[0]] = max(event_times)
+        else:
+            for partition, event_time in zip(rows, event_times, strict=True):
+                if event_time > stream_times.get(partition, -1):
+                    stream_times[partition] = event_time
+        self._store.checkin(self._view, rows, card_ids, positions, stream_times)
 
 
 class ScoringApp:

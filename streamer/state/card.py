@@ -31,6 +31,7 @@ Not thread-safe: a history belongs to the loop that scores its card.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import struct
@@ -38,7 +39,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import chain, islice
+from itertools import accumulate, chain, islice
 from typing import Any, Final
 
 import numpy as np
@@ -104,8 +105,22 @@ _EARLIER_COUNT: Final = 2
 _EARLIER_SUM: Final = 3
 _EARLIER: Final = 4
 _NO_DAYS: Final = (0.0, 0.0, 0.0, 0.0)
-_FIRST_ROW: Final[tuple[float, ...]] = (0.0, 0.0, _NAN) * 3 + (_NAN, _NAN) + (0.0,) * 4 + (1.0, 1.0)
-"""The features of a card's first transaction (or its first after 30 idle days)."""
+# A record's row as `CardHistory._score_and_apply` gives it: the count and sum of each window
+# (1 hour, 24 hours, 7 days, 30 days), the milliseconds since the card's latest record, then the
+# last six features as they are. `history_features` divides for the means, the 30-day ratio and
+# the seconds, a column at a time.
+_ROW_WIDTH: Final = 15
+_ROW_COUNT_SUMS: Final = slice(0, 6)
+_OUT_COUNT_SUMS: Final = [0, 1, 3, 4, 6, 7]
+_MEANS: Final = ((0, 2), (2, 5), (4, 8))
+"""(row column of a window's count, followed by its sum; out column of its mean)."""
+_ROW_30D: Final = 6
+_ROW_GAP: Final = 8
+_GAP_COLUMN: Final = HISTORY_FEATURES.index("seconds_since_previous")
+_ROW_LAST: Final = slice(9, None)
+_OUT_LAST: Final = slice(_WIDTH - 6, None)
+_FIRST_ROW: Final[tuple[float, ...]] = (0.0,) * 8 + (_NAN,) + (0.0,) * 4 + (1.0, 1.0)
+"""The row of a card's first transaction (or its first after 30 idle days)."""
 
 
 class StateDecodeError(StreamerError, ValueError):
@@ -209,10 +224,10 @@ class CardHistory:
     def _score_and_apply(
         self, event_time: int, amount: float, merchant: str, country: str
     ) -> tuple[float, ...]:
-        """The record's row of `HISTORY_FEATURES` from the history before it; then apply it.
+        """The record's row (`_ROW_WIDTH` values) from the history before it; then apply it.
 
-        The ratio column holds the 30-day mean; `history_features` divides, vectorised. The ids
-        must be interned.
+        `history_features` makes the row's counts and sums into `HISTORY_FEATURES`, dividing a
+        column at a time. The ids must be interned.
         """
         times = self._times
         latest = times[-1] if times else _NEVER
@@ -228,70 +243,96 @@ class CardHistory:
         cutoff_24h = t - DAY_MS
         amounts = self._amounts
         held = len(times)
-        # Each window is a tail of the ascending times; the windows nest, so each amount is
-        # summed once: the 24-hour sum continues from the 1-hour one, the 7-day from that (and
-        # an empty part, common for the hour, costs no slice).
-        start_7d = bisect_right(times, cutoff_7d)
-        start_24h = bisect_right(times, cutoff_24h, start_7d)
-        start_1h = bisect_right(times, t - HOUR_MS, start_24h)
-        sum_1h = sum(amounts[start_1h:], 0.0) if start_1h < held else 0.0
-        sum_24h = sum(amounts[start_24h:start_1h], sum_1h) if start_24h < start_1h else sum_1h
-        sum_7d = sum(amounts[start_7d:start_24h], sum_24h) if start_7d < start_24h else sum_24h
-        count_1h = held - start_1h
-        count_24h = held - start_24h
-        count_7d = held - start_7d
-
-        day = t // DAY_MS
-        days = self._days
-        same_day = day == latest // DAY_MS
-        if same_day:
-            count_30d = days[_EARLIER_COUNT] + days[_TODAY_COUNT]
-            sum_30d = days[_EARLIER_SUM] + days[_TODAY_SUM]
-        else:
-            # A new day (once a day is enough to drop what the window no longer holds): the
-            # latest day joins the earlier ones, and those before the window go.
-            days.extend((latest // DAY_MS, days[_TODAY_COUNT], days[_TODAY_SUM]))
-            first_day = bisect_left(days[_EARLIER::3], day - (RETENTION_DAYS - 1))
-            if first_day:
-                del days[_EARLIER : _EARLIER + 3 * first_day]
-            count_30d = sum(days[_EARLIER + 1 :: 3], 0.0)
-            sum_30d = sum(days[_EARLIER + 2 :: 3], 0.0)
-
         merchant_times = self._merchant_times
         country_times = self._country_times
         merchants = len(merchant_times)
         countries = len(country_times)
+        # Each window is a tail of the ascending times (and so is each window's ids); the windows
+        # nest, so each amount is summed once: the 24-hour sum continues from the 1-hour one,
+        # the 7-day from that. A window the card's latest record is not in is empty: no
+        # bisection and no slice (the hour, mostly; the day, for a card used daily or less).
+        start_7d = bisect_right(times, cutoff_7d)
         merchants_7d = bisect_right(merchant_times, cutoff_7d)
-        merchants_24h = bisect_right(merchant_times, cutoff_24h, merchants_7d)
         countries_7d = bisect_right(country_times, cutoff_7d)
-        countries_24h = bisect_right(country_times, cutoff_24h, countries_7d)
-        # The ids seen again leave their place now and go to the end when the record is applied.
+        if latest > cutoff_24h:
+            start_24h = bisect_right(times, cutoff_24h, start_7d)
+            merchants_24h = bisect_right(merchant_times, cutoff_24h, merchants_7d)
+            countries_24h = bisect_right(country_times, cutoff_24h, countries_7d)
+            cutoff_1h = t - HOUR_MS
+            if latest > cutoff_1h:
+                start_1h = bisect_right(times, cutoff_1h, start_24h)
+                count_1h = held - start_1h
+                sum_1h = sum(amounts[start_1h:], 0.0)
+            else:
+                start_1h = held
+                count_1h = 0
+                sum_1h = 0.0
+            count_24h = held - start_24h
+            sum_24h = sum(amounts[start_24h:start_1h], sum_1h) if start_24h < start_1h else sum_1h
+        else:
+            start_24h = held
+            merchants_24h = merchants
+            countries_24h = countries
+            count_1h = count_24h = 0
+            sum_1h = sum_24h = 0.0
+        count_7d = held - start_7d
+        sum_7d = sum(amounts[start_7d:start_24h], sum_24h) if start_7d < start_24h else sum_24h
+
+        day = t // DAY_MS
+        days = self._days
+        latest_day = latest // DAY_MS
+        # The earlier days' totals are sums from the oldest day on, so adding the latest day's
+        # gives the window's total as summing every day would.
+        count_30d = days[_EARLIER_COUNT] + days[_TODAY_COUNT]
+        sum_30d = days[_EARLIER_SUM] + days[_TODAY_SUM]
+        if day != latest_day:
+            # A new day (once a day is enough to drop what the window no longer holds): the
+            # latest day joins the earlier ones, and those before the window go.
+            days.extend((latest_day, days[_TODAY_COUNT], days[_TODAY_SUM]))
+            first_kept = day - (RETENTION_DAYS - 1)
+            if days[_EARLIER] < first_kept:
+                del days[_EARLIER : _EARLIER + 3 * bisect_left(days[_EARLIER::3], first_kept)]
+                count_30d = _day_total(days[_EARLIER + 1 :: 3])
+                sum_30d = _day_total(days[_EARLIER + 2 :: 3])
+
+        # The ids seen again move to the end of their map, at time t. In the array any entry with
+        # the id's old time will do: the last one, the common case, takes t in place. A new id
+        # past `MAX_REMEMBERED` forgets the least recently seen.
         merchant_seen = self._merchant_seen
-        country_seen = self._country_seen
-        # (Any entry with the id's time will do in the array; the last one is the cheapest.)
         merchant_last = merchant_seen.pop(merchant, _NEVER)
+        merchant_seen[merchant] = t
         if merchant_last == merchant_times[-1]:
-            merchant_times.pop()
+            merchant_times[-1] = t
         elif merchant_last != _NEVER:
             del merchant_times[bisect_left(merchant_times, merchant_last)]
+            merchant_times.append(t)
+        else:
+            if merchants >= MAX_REMEMBERED:
+                del merchant_seen[next(iter(merchant_seen))], merchant_times[0]
+            merchant_times.append(t)
+        country_seen = self._country_seen
         country_last = country_seen.pop(country, _NEVER)
+        country_seen[country] = t
         if country_last == country_times[-1]:
-            country_times.pop()
+            country_times[-1] = t
         elif country_last != _NEVER:
             del country_times[bisect_left(country_times, country_last)]
+            country_times.append(t)
+        else:
+            if countries >= MAX_REMEMBERED:
+                del country_seen[next(iter(country_seen))], country_times[0]
+            country_times.append(t)
 
         row = (
             count_1h,
             sum_1h,
-            sum_1h / count_1h if count_1h else _NAN,
             count_24h,
             sum_24h,
-            sum_24h / count_24h if count_24h else _NAN,
             count_7d,
             sum_7d,
-            sum_7d / count_7d if count_7d else _NAN,
-            sum_30d / count_30d if count_30d else _NAN,
-            (t - latest) / 1000,
+            count_30d,
+            sum_30d,
+            t - latest,
             merchants - merchants_24h,
             merchants - merchants_7d,
             countries - countries_24h,
@@ -306,22 +347,34 @@ class CardHistory:
         drop = start_7d if held < MAX_EVENTS else max(start_7d, held + 1 - MAX_EVENTS)
         if drop:
             del times[:drop], amounts[:drop]
-        if same_day:
+        if day == latest_day:
             days[_TODAY_COUNT] += 1.0
             days[_TODAY_SUM] += amount
         else:
-            days[:_EARLIER] = array("d", (1.0, amount, count_30d, sum_30d))
-            _forget_until(merchant_seen, merchant_times, cutoff_30d)
-            _forget_until(country_seen, country_times, cutoff_30d)
-        merchant_seen[merchant] = t
-        merchant_times.append(t)
-        if len(merchant_times) > MAX_REMEMBERED:
-            del merchant_seen[next(iter(merchant_seen))], merchant_times[0]
-        country_seen[country] = t
-        country_times.append(t)
-        if len(country_times) > MAX_REMEMBERED:
-            del country_seen[next(iter(country_seen))], country_times[0]
+            days[_TODAY_COUNT] = 1.0
+            days[_TODAY_SUM] = amount
+            days[_EARLIER_COUNT] = count_30d
+            days[_EARLIER_SUM] = sum_30d
+            # This record's ids are at t now, inside the window: the ids forgotten are the first.
+            if merchant_times[0] <= cutoff_30d:
+                _forget_until(merchant_seen, merchant_times, cutoff_30d)
+            if country_times[0] <= cutoff_30d:
+                _forget_until(country_seen, country_times, cutoff_30d)
         return row
+
+
+# The day totals are added one day at a time, oldest first: a new day adds its total to the
+# earlier days' stored one, and a recount must give the same bits. sum() adds floats that way
+# up to 3.11 (the image's Python); from 3.12 on it compensates, so it would not.
+if sys.version_info >= (3, 12):
+
+    def _day_total(values: array[float]) -> float:
+        return functools.reduce(operator.add, values, 0.0)
+
+else:
+
+    def _day_total(values: array[float]) -> float:
+        return sum(values, 0.0)
 
 
 def _forget_until(seen: dict[str, int], times: array[int], cutoff: int) -> None:
@@ -362,27 +415,38 @@ def history_features(
     times_in = _plain(event_times)
     amounts_in = _plain(amounts)
     intern = sys.intern
-    get = histories.get
-    rows: list[tuple[float, ...]] = []
-    append = rows.append
-    for card_id, event_time, amount, merchant, country in zip(
-        card_ids, times_in, amounts_in, merchants, countries, strict=True
-    ):
-        history = get(card_id)
-        if history is None:
-            histories[card_id] = CardHistory._first(
-                event_time, amount, intern(merchant), intern(country)
-            )
-            append(_FIRST_ROW)
-        else:
-            append(history._score_and_apply(event_time, amount, intern(merchant), intern(country)))
-    out[:] = np.fromiter(chain.from_iterable(rows), np.float64, count * _WIDTH).reshape(
-        count, _WIDTH
+    if not len(times_in) == len(amounts_in) == len(merchants) == len(countries) == count:
+        raise ValueError("the columns must all have one value per record")
+    # A card without a history gets an empty one, which its first record starts.
+    for card_id in set(card_ids).difference(histories):
+        histories[card_id] = CardHistory()
+    rows = list(  # `_ROW_WIDTH` values each
+        map(
+            CardHistory._score_and_apply,
+            map(histories.__getitem__, card_ids),
+            times_in,
+            amounts_in,
+            map(intern, merchants),
+            map(intern, countries),
+        )
     )
-    # The ratio column holds the 30-day mean: divide as numpy does the profile ratio, so a zero
-    # mean gives inf (NaN for a zero amount) and no mean gives NaN.
+    row = np.fromiter(chain.from_iterable(rows), np.float64, count * _ROW_WIDTH).reshape(
+        count, _ROW_WIDTH
+    )
+    out[:, _OUT_COUNT_SUMS] = row[:, _ROW_COUNT_SUMS]
+    out[:, _OUT_LAST] = row[:, _ROW_LAST]
+    # Each division is the one Python would do (counts are exact in a double); a window without
+    # transactions has no mean (NaN).
+    np.divide(row[:, _ROW_GAP], 1000.0, out=out[:, _GAP_COLUMN])
     ratio = out[:, _RATIO_COLUMN]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for count_column, column in (*_MEANS, (_ROW_30D, _RATIO_COLUMN)):
+            counts = row[:, count_column]
+            mean = out[:, column]
+            mean.fill(_NAN)
+            np.divide(row[:, count_column + 1], counts, out=mean, where=counts != 0.0)
+        # The ratio column holds the 30-day mean: divide as numpy does the profile ratio, so a
+        # zero mean gives inf (NaN for a zero amount) and no mean gives NaN.
         np.divide(np.asarray(amounts_in, dtype=np.float64), ratio, out=ratio)
 
 
@@ -407,9 +471,12 @@ def is_expired(history: CardHistory, now_ms: int) -> bool:
 
 # -- the changelog codec -------------------------------------------------------------------------
 
-_FORMAT_VERSION: Final = 1
+_FORMAT_VERSION: Final = 2
+_FORMAT_1: Final = 1
+"""The format before the day buckets were written as held; still read."""
 _HEADER: Final = struct.Struct("<BHHHH")
-"""Format version, then how many transactions, days, merchants and countries."""
+"""Format version, then how many transactions, days (the latest included), merchants and
+countries."""
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 _MAX_DAY_COUNT: Final = 2**31
 """Far above any card's day, and far enough below the u32 field that counting on cannot reach it."""
@@ -418,57 +485,135 @@ _MAX_DAY_COUNT: Final = 2**31
 def encode_history(history: CardHistory) -> bytes:
     """The history as compact little-endian bytes; `decode_history` reads them back equal.
 
-    Format 1, after `_HEADER` (whose first byte is the version): the transactions' effective
-    times (i64) and amounts (f64); the day buckets, oldest first, the latest day last: how many
-    days each is before the latest one (u8), its count (u32) and sum (f64); the merchants' UTF-8
-    lengths (u16) and last-seen times (i64), the same for the countries, then the merchant and
-    country ids' UTF-8 bytes. Ids longer than 65,535 UTF-8 bytes raise `OverflowError`
-    (validation caps them at 128 characters).
+    Format 2, after `_HEADER` (whose first byte is the version): the transactions' effective
+    times (i64) and amounts (f64); the day buckets as held (f64: the latest day's count and sum,
+    the earlier days' totals, then per earlier day, oldest first, its day number, count and
+    sum); the merchants' last-seen times (i64), the countries' (i64); each merchant's, then each
+    country's, id length in code points (u16); then all the ids, merchants first, as one UTF-8
+    text. Every part is an array copied as it is (the ids joined), so encoding costs no step
+    per day or per id. Ids longer than 65,535 code points raise `OverflowError` (validation caps
+    them at 128 characters).
     """
     h = history
-    merchants = [key.encode() for key in h._merchant_seen]
-    countries = [key.encode() for key in h._country_seen]
     times = h._times
-    if times:
-        days = h._days
-        latest_day = times[-1] // DAY_MS
-        days_ago = bytes([latest_day - int(day) for day in days[_EARLIER::3]]) + b"\0"
-        day_counts = array("I", map(int, days[_EARLIER + 1 :: 3]))
-        day_counts.append(int(days[_TODAY_COUNT]))
-        day_sums = days[_EARLIER + 2 :: 3]
-        day_sums.append(days[_TODAY_SUM])
-    else:
-        days_ago, day_counts, day_sums = b"", array("I"), array("d")
+    days = h._days
+    merchant_seen = h._merchant_seen
+    country_seen = h._country_seen
     arrays: tuple[array[Any], ...] = (
         times,
         h._amounts,
-        day_counts,
-        day_sums,
-        array("H", map(len, merchants)),
+        days,
         h._merchant_times,
-        array("H", map(len, countries)),
         h._country_times,
+        array("H", map(len, chain(merchant_seen, country_seen))),
     )
     if _BIG_ENDIAN:
         arrays = tuple(map(_swapped, arrays))
-    head = _HEADER.pack(_FORMAT_VERSION, len(times), len(days_ago), len(merchants), len(countries))
-    first, second, *rest = [a.tobytes() for a in arrays]
-    return b"".join((head, first, second, days_ago, *rest, *merchants, *countries))
+    head = _HEADER.pack(
+        _FORMAT_VERSION,
+        len(times),
+        (len(days) - _EARLIER) // 3 + bool(times),
+        len(merchant_seen),
+        len(country_seen),
+    )
+    a, b, c, d, e, f = [values.tobytes() for values in arrays]
+    return b"".join((head, a, b, c, d, e, f, "".join(chain(merchant_seen, country_seen)).encode()))
 
 
 def decode_history(data: bytes) -> CardHistory:
-    """A history from `encode_history` bytes; raises `StateDecodeError` saying what is wrong.
+    """A history from `encode_history` bytes, of format 2 or 1; raises `StateDecodeError` saying
+    what is wrong.
 
     Every length is checked against the bytes left before anything is built, so hostile bytes
     cost no more than their size. Nothing is unpickled.
     """
     if not data:
         raise StateDecodeError("card history is empty: no format version")
+    if data[0] == _FORMAT_1:
+        return _decode_format_1(data)
     if data[0] != _FORMAT_VERSION:
         raise StateDecodeError(
-            f"card history format {data[0]} is not {_FORMAT_VERSION}, the only one this code"
-            " reads (written by a newer version, or not a card history)"
+            f"card history format {data[0]} is not {_FORMAT_VERSION} or {_FORMAT_1}, the ones"
+            " this code reads (written by a newer version, or not a card history)"
         )
+    reader = _Reader(data)
+    _, n_events, n_days, n_merchants, n_countries = _HEADER.unpack(
+        reader.take(_HEADER.size, "header")
+    )
+    if (n_days == 0) != (n_events == 0):
+        raise StateDecodeError(f"card history has {n_events} transactions over {n_days} days")
+    times = reader.numbers("q", n_events, "transaction times")
+    amounts = reader.numbers("d", n_events, "amounts")
+    days = reader.numbers("d", _EARLIER + 3 * max(n_days - 1, 0), "day buckets")
+    merchant_times = reader.numbers("q", n_merchants, "merchant times")
+    country_times = reader.numbers("q", n_countries, "country times")
+    lengths = reader.numbers("H", n_merchants + n_countries, "id lengths")
+    try:
+        text = data[reader.position :].decode()
+    except UnicodeDecodeError as exc:
+        raise StateDecodeError(f"card history ids are not UTF-8: {exc}") from None
+    ends = list(accumulate(lengths))
+    held = ends[-1] if ends else 0
+    if held != len(text):
+        raise StateDecodeError(
+            f"card history is truncated: ids need {held} code points, {len(text)} left"
+            if held > len(text)
+            else f"card history has {len(text) - held} code points after its last field"
+        )
+    ids = list(map(sys.intern, map(text.__getitem__, map(slice, chain((0,), ends), ends))))
+    merchant_seen = _last_seen(ids[:n_merchants], merchant_times, "merchant")
+    country_seen = _last_seen(ids[n_merchants:], country_times, "country")
+    _check_invariants(times, merchant_times, country_times)
+    _check_days(times, days)
+
+    history = CardHistory()
+    history._times = times
+    history._amounts = amounts
+    history._days = days
+    history._merchant_seen = merchant_seen
+    history._merchant_times = merchant_times
+    history._country_seen = country_seen
+    history._country_times = country_times
+    return history
+
+
+def _last_seen(ids: list[str], times: array[int], what: str) -> dict[str, int]:
+    seen = dict(zip(ids, times, strict=True))
+    if len(seen) != len(times):
+        raise StateDecodeError(f"card history remembers a {what} twice")
+    return seen
+
+
+def _check_days(times: array[int], days: array[float]) -> None:
+    """Refuse format 2 day buckets `history_features` could not have left.
+
+    Without transactions, all zero and no earlier day. With: counts are whole and at most
+    `_MAX_DAY_COUNT`, earlier days whole and ascending before the latest transaction's day, and
+    the earlier days' totals are their counts and sums added up as a new day adds them.
+    """
+    if not times:
+        if days.tobytes() != bytes(8 * _EARLIER):
+            raise StateDecodeError("card history without transactions holds days")
+        return
+    earlier_days = days[_EARLIER::3]
+    counts = days[_EARLIER + 1 :: 3]
+    counts.append(days[_TODAY_COUNT])
+    if not all(map(float.is_integer, chain(earlier_days, counts))):
+        raise StateDecodeError("card history has a day or a day count that is not whole")
+    if not 0 <= min(counts) <= max(counts) <= _MAX_DAY_COUNT:
+        raise StateDecodeError(f"card history day count {max(counts)} is implausible")
+    if not all(map(operator.lt, earlier_days, islice(earlier_days, 1, None))):
+        raise StateDecodeError("card history days are not in ascending order")
+    if earlier_days and earlier_days[-1] >= times[-1] // DAY_MS:
+        raise StateDecodeError("card history has an earlier day after its latest")
+    totals = array("d", (_day_total(counts[:-1]), _day_total(days[_EARLIER + 2 :: 3])))
+    if totals.tobytes() != days[_EARLIER_COUNT:_EARLIER].tobytes():
+        raise StateDecodeError("card history day totals do not add up")
+
+
+def _decode_format_1(data: bytes) -> CardHistory:
+    """A history from format 1 bytes (day buckets as days before the latest, u32 counts and
+    sums, the latest day last; ids each with its UTF-8 length)."""
     reader = _Reader(data)
     _, n_events, n_days, n_merchants, n_countries = _HEADER.unpack(
         reader.take(_HEADER.size, "header")
@@ -488,7 +633,8 @@ def decode_history(data: bytes) -> CardHistory:
         raise StateDecodeError(
             f"card history has {len(data) - reader.position} bytes after its last field"
         )
-    _check_invariants(times, days_ago, day_counts, merchant_times, country_times)
+    _check_invariants(times, merchant_times, country_times)
+    _check_days_format_1(times, days_ago, day_counts)
 
     history = CardHistory()
     history._times = times
@@ -499,8 +645,8 @@ def decode_history(data: bytes) -> CardHistory:
         for ago, count, total in zip(days_ago[:-1], day_counts[:-1], day_sums[:-1], strict=True):
             days.extend((latest_day - ago, count, total))
         # Summed as a new day sums them, so the totals come back bit for bit.
-        days[_EARLIER_COUNT] = sum(days[_EARLIER + 1 :: 3], 0.0)
-        days[_EARLIER_SUM] = sum(days[_EARLIER + 2 :: 3], 0.0)
+        days[_EARLIER_COUNT] = _day_total(days[_EARLIER + 1 :: 3])
+        days[_EARLIER_SUM] = _day_total(days[_EARLIER + 2 :: 3])
     history._merchant_seen = merchant_seen
     history._merchant_times = merchant_times
     history._country_seen = country_seen
@@ -509,17 +655,13 @@ def decode_history(data: bytes) -> CardHistory:
 
 
 def _check_invariants(
-    times: array[int],
-    days_ago: bytes,
-    day_counts: array[int],
-    merchant_times: array[int],
-    country_times: array[int],
+    times: array[int], merchant_times: array[int], country_times: array[int]
 ) -> None:
-    """Refuse decoded fields `history_features` could not have left: it relies on them.
+    """Refuse decoded times and ids `history_features` could not have left: it relies on them.
 
     Times ascend (windows are bisected) and none is after the latest transaction; a card with
-    transactions has a bucket for its latest day and remembers the merchant and country of its
-    latest transaction at least, one without has nothing at all.
+    transactions remembers the merchant and country of its latest transaction at least, one
+    without has no ids at all.
     """
     for values, what in (
         (times, "transaction times"),
@@ -529,13 +671,22 @@ def _check_invariants(
         if not _ascending(values):
             raise StateDecodeError(f"card history {what} are not in ascending order")
     if not times:
-        if days_ago or merchant_times or country_times:
-            raise StateDecodeError("card history without transactions holds days or ids")
+        if merchant_times or country_times:
+            raise StateDecodeError("card history without transactions holds ids")
         return
     if not merchant_times or not country_times:
         raise StateDecodeError("card history has no merchant or country for its transactions")
     if max(merchant_times[-1], country_times[-1]) > times[-1]:
         raise StateDecodeError("card history saw an id after its latest transaction")
+
+
+def _check_days_format_1(times: array[int], days_ago: bytes, day_counts: array[int]) -> None:
+    """Refuse format 1 day buckets: a card with transactions has a bucket for its latest day,
+    one without has none."""
+    if not times:
+        if days_ago:
+            raise StateDecodeError("card history without transactions holds days")
+        return
     if not days_ago or days_ago[-1] != 0:
         raise StateDecodeError("card history has no bucket for its latest day")
     if not all(map(operator.gt, days_ago, days_ago[1:])):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from streamer.errors import StreamerError
 
@@ -130,6 +130,9 @@ class KeyedStore(Generic[V]):
         """
         view: dict[str, V] = {}
         parts = self._partitions
+        if partitions and partitions.count(partitions[0]) == len(partitions):
+            partition = partitions[0]
+            return self._checkout_one(partition, parts[partition], keys)
         keep_undo = self._keep_undo
         copy = self.codec.copy
         encode = self.codec.encode
@@ -154,6 +157,38 @@ class KeyedStore(Generic[V]):
                 view[key] = value
         return view
 
+    def _checkout_one(
+        self, partition: int, part: _Partition[V], keys: Sequence[str]
+    ) -> dict[str, V]:
+        """`checkout` of keys all of one partition: set and dict operations over the whole
+        batch instead of a Python step per key (taken only by the keys that are decoded, copied
+        for undo or written to the snapshot).
+        """
+        values = part.values
+        if part.raw:
+            raw = part.raw
+            for key in filter(raw.__contains__, keys):
+                values[key] = self._decode(partition, key, raw.pop(key))
+        if part.snapshot:
+            # Copy on write: the snapshot takes the value before this batch changes it.
+            snapshot, written, encode = part.snapshot, part.snapshot_written, self.codec.encode
+            for key in filter(snapshot.__contains__, keys):
+                snapshot.discard(key)
+                value = values.get(key)
+                written.append((key, None if value is None else encode(value)))
+        unique = set(keys)
+        if self._keep_undo:
+            undo, copy = part.undo, self.codec.copy
+            for key in unique.difference(part.changed):
+                value = values.get(key)
+                undo[key] = None if value is None else copy(value)
+        part.changed.update(unique)
+        get: Callable[[str], V | None] = values.get
+        view = dict(zip(keys, map(get, keys), strict=True))
+        for key in unique.difference(values):
+            del view[key]
+        return cast("dict[str, V]", view)  # None only for the keys just deleted
+
     def checkin(
         self,
         view: dict[str, V],
@@ -168,10 +203,14 @@ class KeyedStore(Generic[V]):
         `stream_times`: the latest event time among them, per partition.
         """
         parts = self._partitions
-        for partition, key in zip(partitions, keys, strict=True):
-            value = view.get(key)
-            if value is not None:
-                parts[partition].values[key] = value
+        if partitions and partitions.count(partitions[0]) == len(partitions):
+            # Every key of the view is of this partition (the one-step `checkout`).
+            parts[partitions[0]].values.update(view)
+        else:
+            for partition, key in zip(partitions, keys, strict=True):
+                value = view.get(key)
+                if value is not None:
+                    parts[partition].values[key] = value
         for partition, position in positions.items():
             part = parts[partition]
             part.position = position

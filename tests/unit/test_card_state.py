@@ -6,7 +6,9 @@ import itertools
 import math
 import random
 import struct
+import sys
 import tracemalloc
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +114,49 @@ def chunks(records: list[Tx], seed: int) -> list[list[Tx]]:
 
 def round_trip(histories: dict[str, CardHistory]) -> dict[str, CardHistory]:
     return {card: decode_history(encode_history(h)) for card, h in histories.items()}
+
+
+FORMAT_1_HISTORY = (
+    "01030002000200020000a8da769b0100000504017c9b01000080f2377c9b0100000000000000002940000000"
+    "0000000840000000000000d03f0100010000000200000000000000000029400000000000000a400500030005"
+    "04017c9b01000080f2377c9b010000020002000504017c9b01000080f2377c9b010000636166c3a96d2d3144"
+    "454652"
+)
+"""A history of three records (`test_format_1_bytes_still_decode`) as format 1, written by the
+encoder of that format."""
+
+
+def _encode_format_1(history: CardHistory) -> bytes:
+    """The history as format 1 (days before the latest as u8, counts as u32, sums; each id with
+    its UTF-8 length): the encoder that wrote it, kept to test that it is still read."""
+    h = history
+    merchants = [key.encode() for key in h._merchant_seen]
+    countries = [key.encode() for key in h._country_seen]
+    times = h._times
+    if times:
+        days = h._days
+        latest_day = times[-1] // DAY_MS
+        days_ago = bytes([latest_day - int(day) for day in days[4::3]]) + b"\0"
+        day_counts = array("I", map(int, days[5::3]))
+        day_counts.append(int(days[0]))
+        day_sums = days[6::3]
+        day_sums.append(days[1])
+    else:
+        days_ago, day_counts, day_sums = b"", array("I"), array("d")
+    parts = [
+        struct.pack("<BHHHH", 1, len(times), len(days_ago), len(merchants), len(countries)),
+        times.tobytes(),
+        h._amounts.tobytes(),
+        days_ago,
+        day_counts.tobytes(),
+        day_sums.tobytes(),
+        array("H", map(len, merchants)).tobytes(),
+        h._merchant_times.tobytes(),
+        array("H", map(len, countries)).tobytes(),
+        h._country_times.tobytes(),
+    ]
+    assert sys.byteorder == "little", "format 1 is little-endian"
+    return b"".join((*parts, *merchants, *countries))
 
 
 class TestDeterminism:
@@ -348,10 +393,39 @@ class TestCodec:
     def test_first_byte_is_the_format_version(self) -> None:
         """The format version leads the bytes; an unknown one is refused by name."""
         data = encode_history(history_of([Tx("c", START_MS, 1.0)]))
-        assert data[0] == 1
+        assert data[0] == 2
 
-        with pytest.raises(StateDecodeError, match="format 2"):
-            decode_history(b"\x02" + data[1:])
+        with pytest.raises(StateDecodeError, match="format 3"):
+            decode_history(b"\x03" + data[1:])
+
+    def test_format_1_bytes_still_decode(self) -> None:
+        """Bytes an earlier version wrote (format 1) decode to the history they were written
+        from, which encodes as format 2."""
+        records = [
+            Tx("c", START_MS, 12.5, "m-1", "FR"),
+            Tx("c", START_MS + DAY_MS + 5, 3.0, "café", "DE"),
+            Tx("c", START_MS + DAY_MS + HOUR_MS, 0.25, "m-1", "FR"),
+        ]
+        history = decode_history(bytes.fromhex(FORMAT_1_HISTORY))
+
+        assert history == history_of(records)
+        assert encode_history(history)[0] == 2
+        assert history == decode_history(encode_history(history))
+        assert _encode_format_1(history).hex() == FORMAT_1_HISTORY
+
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_format_1_round_trips_every_history(self, seed: int) -> None:
+        """Every history of a messy stream comes back equal from format 1 as from format 2,
+        and scores the next records alike."""
+        records = stream(seed, count=1_500, cards=20)
+        histories: dict[str, CardHistory] = {}
+        score(histories, records[:1_000])
+        from_1 = {card: decode_history(_encode_format_1(h)) for card, h in histories.items()}
+        from_2 = round_trip(histories)
+
+        assert from_1 == from_2 == histories
+        later = records[1_000:]
+        assert np.array_equal(score(from_1, later), score(from_2, later), equal_nan=True)
 
     def test_decode_error_is_a_value_error(self) -> None:
         """Stores catch ValueError for bytes they cannot read."""
@@ -376,9 +450,10 @@ class TestCodec:
         with pytest.raises(StateDecodeError, match="after its last field"):
             decode_history(data + b"\x00")
 
-    def test_huge_claimed_lengths_cost_nothing(self) -> None:
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_huge_claimed_lengths_cost_nothing(self, version: int) -> None:
         """A header claiming the most of everything, with no data, fails before allocating."""
-        hostile = struct.pack("<BHHHH", 1, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
+        hostile = struct.pack("<BHHHH", version, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
         tracemalloc.start()
         try:
             with pytest.raises(StateDecodeError, match="truncated"):
@@ -388,6 +463,27 @@ class TestCodec:
             tracemalloc.stop()
 
         assert peak < 64_000
+
+    def test_day_totals_that_do_not_add_up_are_refused(self) -> None:
+        """The earlier days' stored totals must be their days added up: a new day adds to them."""
+        history = history_of([Tx("c", START_MS, 1.0), Tx("c", START_MS + DAY_MS, 2.0)])
+        data = bytearray(encode_history(history))
+        days_at = 9 + 2 * 16  # header, then two transactions' times and amounts
+        assert struct.unpack_from("<4d", data, days_at) == (1.0, 2.0, 1.0, 1.0)
+        struct.pack_into("<d", data, days_at + 24, 1.5)
+
+        with pytest.raises(StateDecodeError, match="do not add up"):
+            decode_history(bytes(data))
+
+    def test_a_day_that_is_not_whole_is_refused(self) -> None:
+        """Day numbers and counts are whole numbers."""
+        history = history_of([Tx("c", START_MS, 1.0), Tx("c", START_MS + DAY_MS, 2.0)])
+        data = bytearray(encode_history(history))
+        days_at = 9 + 2 * 16
+        struct.pack_into("<d", data, days_at + 32, START_MS // DAY_MS + 0.5)
+
+        with pytest.raises(StateDecodeError, match="not whole"):
+            decode_history(bytes(data))
 
     def test_bad_utf8_is_refused(self) -> None:
         """An id that is not UTF-8 raises StateDecodeError."""
@@ -416,15 +512,17 @@ class TestCodec:
             decode_history(data)
 
     @pytest.mark.parametrize("seed", range(4))
-    def test_random_damage_never_escapes(self, seed: int) -> None:
+    @pytest.mark.parametrize("version", [1, 2])
+    def test_random_damage_never_escapes(self, seed: int, version: int) -> None:
         """Damaged or random bytes raise StateDecodeError or decode to a usable history."""
         rng = random.Random(seed)
-        valid = encode_history(history_of(stream(seed, count=80, cards=1)))
+        history = history_of(stream(seed, count=80, cards=1))
+        valid = encode_history(history) if version == 2 else _encode_format_1(history)
         for _ in range(400):
             data = bytearray(valid)
             for _ in range(rng.randrange(1, 4)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
-            candidates = [bytes(data), bytes([1]) + rng.randbytes(rng.randrange(40))]
+            candidates = [bytes(data), bytes([version]) + rng.randbytes(rng.randrange(40))]
             for candidate in candidates:
                 try:
                     history = decode_history(candidate)

@@ -52,6 +52,47 @@ class TestChanges:
         assert store.changes(0) == [("b", b"[2]")]
         assert store.changes(1) == []
 
+    @pytest.mark.parametrize("keep_undo", [True, False])
+    def test_a_batch_of_one_partition_is_taken_as_one_of_several(self, keep_undo: bool) -> None:
+        """Keys all of one partition (checked out in one step) leave that partition as they do
+        in a batch with a key of another: restored bytes decoded, copy on write, undo, a key
+        twice and a key without a value."""
+        keys = ["a", "b", "a", "new"]
+        stores = []
+        for others in ([], ["other"]):
+            store: KeyedStore[list[int]] = KeyedStore("totals", TOTALS, keep_undo=keep_undo)
+            store.assign(0)
+            store.assign(1)
+            store.restore(0, [(b"a", b"[1]"), (b"b", b"[2]"), (b"c", b"[3]")])
+            store.restored(0, 3)
+            _apply(store, 0, "a", 4, 3)
+            _apply(store, 1, "other", 5, 0)
+            if keep_undo:
+                store.commit()
+            else:
+                store.begin_snapshot()
+            partitions = [0] * len(keys) + [1] * len(others)
+            view = store.checkout(partitions, keys + others)
+            assert view == {"a": [1, 4], "b": [2], **{key: [5] for key in others}}
+            for key in view.keys() | {"new"}:
+                view.setdefault(key, []).append(10)
+            store.checkin(view, partitions, keys + others, {0: 5}, {0: 10})
+            stores.append(store)
+        one, several = stores
+        assert one.values(0) == several.values(0)
+        assert one.values(0) == {"a": [1, 4, 10], "b": [2, 10], "c": [3], "new": [10]}
+        assert sorted(one.changes(0)) == sorted(several.changes(0))
+        if keep_undo:
+            for store in stores:
+                store.rollback()
+            assert one.values(0) == several.values(0) == {"a": [1, 4], "b": [2], "c": [3]}
+        else:
+            first, second = (
+                sorted(item for item in store.snapshot_slice(10) if item[0] == 0)
+                for store in stores
+            )
+            assert first == second == [(0, "a", b"[1, 4]")]
+
     def test_unassigned_partition_is_an_error(self, store: KeyedStore[list[int]]) -> None:
         """A key of a partition not assigned cannot be checked out."""
         with pytest.raises(KeyError):
