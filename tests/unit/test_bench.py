@@ -33,6 +33,7 @@ from streamer.tools.bench.harness import (
     median_restore,
     median_run,
     new_card_events,
+    round_order,
     run_environment,
 )
 from streamer.tools.bench.instruments import ChildProcess, source_of
@@ -989,3 +990,12 @@ class TestServeBench:
         table = _table([result], ServeBenchOptions(rates=(200, 500, 1000)))
         assert "| 500/s |" in table
         assert "40.0 / 300.0 ms (100%)" in table
+
+
+def test_rounds_alternate_the_order_of_the_scorer_runs() -> None:
+    """No run is always the first after the pass-through: odd rounds take them in reverse."""
+    runs = ["pass-through", "scorer", "stateless", "no metrics"]
+    assert round_order(runs, 0) == runs
+    assert round_order(runs, 1) == ["pass-through", "no metrics", "stateless", "scorer"]
+    assert round_order(runs, 2) == runs
+    assert round_order(runs[:1], 1) == runs[:1]

@@ -5,16 +5,19 @@ How each number is taken, and why:
 - **Preload.** `events` synthetic transactions (the `streamer produce` generator and producer) go
   once into an input topic with `partitions` partitions. Every throughput run reads that same
   topic from the start with a fresh consumer group and its own output topic.
-- **Throughput.** Each run is repeated `throughput_repeats` times, round robin, and the one with
-  the median events/s is reported (the others in its note): on a shared machine one drain can
-  be 20% off the next. The processor runs as a process of its own, exactly as users run it
-  (`streamer run --until-idle S`; the pass-through with the same flags), and exits by itself when
-  the topic is drained. Output topics are created with `message.timestamp.type=LogAppendTime`,
-  so each output record carries the time the broker appended it, i.e. acknowledged it. Events/s
-  is outputs / (last append time - first append time): process start-up, group join and the idle
-  wait at the end are left out; so is the time to process the first batch, one batch of
-  hundreds. Every output is then read back (read_committed) and its source headers checked: an
-  input without an output fails the run; duplicates (at-least-once allows them) are counted.
+- **Throughput.** Each run is repeated `throughput_repeats` times, round robin, and the one with the
+  median events/s is reported (the others in its note): on a shared machine one drain can be 20% off
+  the next. Every other round takes the scorer's runs in reverse order (`round_order`), so no run is
+  always the first after the pass-through: the runs compared with one another (metrics on and off,
+  with and without state) meet the machine's drifts alike. The processor runs as a process of its
+  own, exactly as users run it (`streamer run --until-idle S`; the pass-through with the same
+  flags), and exits by itself when the topic is drained. Output topics are created with
+  `message.timestamp.type=LogAppendTime`, so each output record carries the time the broker appended
+  it, i.e. acknowledged it. Events/s is outputs / (last append time - first append time): process
+  start-up, group join and the idle wait at the end are left out; so is the time to process the
+  first batch, one batch of hundreds. Every output is then read back (read_committed) and its source
+  headers checked: an input without an output fails the run; duplicates (at-least-once allows them)
+  are counted.
 - **Memory and CPU.** Each process's peak RSS is the kernel's high-water mark of its own memory
   (`VmHWM`), read while it runs (`ru_maxrss` would also count this bench process, which every
   child is a copy of until it execs); its user + system CPU time comes from `os.wait4`, exactly.
@@ -895,7 +898,7 @@ class Bench:
             stateful_drains: list[_Drain] = []
             with timed(phases, "throughput"):
                 for repeat in range(options.throughput_repeats):
-                    for run in runs:
+                    for run in round_order(runs, repeat):
                         done = repeats[run]
                         if done and not done[0].available:
                             continue
@@ -976,6 +979,17 @@ class Bench:
                 if key in consumer
             },
         }
+
+
+_Run = TypeVar("_Run")
+
+
+def round_order(runs: Sequence[_Run], repeat: int) -> list[_Run]:
+    """The order of the throughput runs in round `repeat`: the first (the pass-through) first,
+    the others as given in even rounds and reversed in odd ones."""
+    if repeat % 2 == 0 or len(runs) < 2:
+        return list(runs)
+    return [runs[0], *reversed(runs[1:])]
 
 
 def run_environment(
