@@ -161,17 +161,39 @@ class CardHistory:
         self._country_times = array("q")
 
     @classmethod
+    def _holding(
+        cls,
+        times: array[int],
+        amounts: array[float],
+        days: array[float],
+        merchant_seen: dict[str, int],
+        merchant_times: array[int],
+        country_seen: dict[str, int],
+        country_times: array[int],
+    ) -> CardHistory:
+        """A history holding these containers, as they are (not copied, not checked)."""
+        history = cls.__new__(cls)
+        history._times = times
+        history._amounts = amounts
+        history._days = days
+        history._merchant_seen = merchant_seen
+        history._merchant_times = merchant_times
+        history._country_seen = country_seen
+        history._country_times = country_times
+        return history
+
+    @classmethod
     def _first(cls, t: int, amount: float, merchant: str, country: str) -> CardHistory:
         """A history holding one record, at effective time `t`: arrays of the exact size."""
-        history = cls.__new__(cls)
-        history._times = array("q", (t,))
-        history._amounts = array("d", (amount,))
-        history._days = array("d", (1.0, amount, 0.0, 0.0))
-        history._merchant_seen = {merchant: t}
-        history._merchant_times = array("q", (t,))
-        history._country_seen = {country: t}
-        history._country_times = array("q", (t,))
-        return history
+        return cls._holding(
+            array("q", (t,)),
+            array("d", (amount,)),
+            array("d", (1.0, amount, 0.0, 0.0)),
+            {merchant: t},
+            array("q", (t,)),
+            {country: t},
+            array("q", (t,)),
+        )
 
     @property
     def latest_ms(self) -> int:
@@ -180,15 +202,15 @@ class CardHistory:
 
     def copy(self) -> CardHistory:
         """An independent copy: containers are copied, their immutable items shared."""
-        twin = CardHistory.__new__(CardHistory)
-        twin._times = self._times[:]
-        twin._amounts = self._amounts[:]
-        twin._days = self._days[:]
-        twin._merchant_seen = self._merchant_seen.copy()
-        twin._merchant_times = self._merchant_times[:]
-        twin._country_seen = self._country_seen.copy()
-        twin._country_times = self._country_times[:]
-        return twin
+        return CardHistory._holding(
+            self._times[:],
+            self._amounts[:],
+            self._days[:],
+            self._merchant_seen.copy(),
+            self._merchant_times[:],
+            self._country_seen.copy(),
+            self._country_times[:],
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CardHistory):
@@ -566,15 +588,9 @@ def decode_history(data: bytes) -> CardHistory:
     _check_invariants(times, merchant_times, country_times)
     _check_days(times, days)
 
-    history = CardHistory()
-    history._times = times
-    history._amounts = amounts
-    history._days = days
-    history._merchant_seen = merchant_seen
-    history._merchant_times = merchant_times
-    history._country_seen = country_seen
-    history._country_times = country_times
-    return history
+    return CardHistory._holding(
+        times, amounts, days, merchant_seen, merchant_times, country_seen, country_times
+    )
 
 
 def _last_seen(ids: list[str], times: array[int], what: str) -> dict[str, int]:
@@ -636,22 +652,18 @@ def _decode_format_1(data: bytes) -> CardHistory:
     _check_invariants(times, merchant_times, country_times)
     _check_days_format_1(times, days_ago, day_counts)
 
-    history = CardHistory()
-    history._times = times
-    history._amounts = amounts
+    days = array("d", _NO_DAYS)
     if times:
         latest_day = times[-1] // DAY_MS
-        days = history._days = array("d", (float(day_counts[-1]), day_sums[-1], 0.0, 0.0))
+        days = array("d", (float(day_counts[-1]), day_sums[-1], 0.0, 0.0))
         for ago, count, total in zip(days_ago[:-1], day_counts[:-1], day_sums[:-1], strict=True):
             days.extend((latest_day - ago, count, total))
         # Summed as a new day sums them, so the totals come back bit for bit.
         days[_EARLIER_COUNT] = _day_total(days[_EARLIER + 1 :: 3])
         days[_EARLIER_SUM] = _day_total(days[_EARLIER + 2 :: 3])
-    history._merchant_seen = merchant_seen
-    history._merchant_times = merchant_times
-    history._country_seen = country_seen
-    history._country_times = country_times
-    return history
+    return CardHistory._holding(
+        times, amounts, days, merchant_seen, merchant_times, country_seen, country_times
+    )
 
 
 def _check_invariants(
