@@ -49,7 +49,7 @@ from streamer.state.store import KeyedStore
 
 log = structlog.get_logger(__name__)
 
-SLICE_SECONDS: Final = 0.002
+SLICE_SECONDS: Final = 0.001
 """At-least-once: about how long a turn of the loop spends writing the snapshot under way."""
 SLICE_RECORDS: Final = 128
 """At-least-once: snapshot values encoded between two looks at the clock."""
@@ -65,6 +65,11 @@ EXPIRY_EVERY_MS: Final = 3_600_000
 EXPIRY_LATENESS_MS: Final = 7 * 86_400_000
 """A sweep deletes what expired this long before the partition's newest event time, so a record
 up to a week late still meets the state it would have met without the sweep."""
+SWEEP_SECONDS: Final = 0.001
+"""About how long a turn of the loop spends on the sweeps under way: a sweep looks at every key of
+its partition, which at a million keys would stop the loop for a good part of a second."""
+SWEEP_SLICE_KEYS: Final = 512
+"""Keys a sweep looks at between two looks at the clock."""
 _TRANSIENT_DELIVERY_ERRORS: Final = frozenset(
     {KafkaError._MSG_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 )
@@ -95,6 +100,8 @@ class Checkpoint(ABC):
         self._tracker = DeliveryTracker()
         self._last_commit = time.monotonic()
         self._swept_at: dict[tuple[str, int], int] = {}
+        self._expired: dict[tuple[str, int], int] = {}
+        """Per (store, partition) with a sweep under way, the keys it has deleted so far."""
         self.callback_error: BaseException | None = None
         """An error met inside a rebalance callback, for the loop to raise."""
         self.committed = 0
@@ -200,7 +207,6 @@ class Checkpoint(ABC):
         for changelog in self._changelogs:
             store = changelog.store
             for partition in store.partitions:
-                self._sweep(store, partition)
                 position = store.position(partition)
                 if position is None:
                     continue
@@ -215,15 +221,34 @@ class Checkpoint(ABC):
                     written += 1
         return written
 
-    def _sweep(self, store: KeyedStore[Any], partition: int) -> None:
-        """Delete expired keys once per `EXPIRY_EVERY_MS` of the partition's stream time."""
-        now = store.stream_time(partition)
-        swept = self._swept_at.setdefault((store.name, partition), now)
-        if now - swept >= EXPIRY_EVERY_MS:
-            expired = store.expire(partition, EXPIRY_LATENESS_MS)
-            self._swept_at[(store.name, partition)] = now
-            if expired:
-                log.info("state expired", store=store.name, partition=partition, keys=expired)
+    def _sweep(self, seconds: float) -> int:
+        """Expire idle keys: a partition's sweep begins once per `EXPIRY_EVERY_MS` of its stream
+        time and goes on a slice at a time, for about `seconds` a call (at least one slice).
+        Returns how many keys this call deleted."""
+        deadline = time.monotonic() + seconds
+        expired = self._expired
+        deleted = 0
+        for changelog in self._changelogs:
+            store = changelog.store
+            for partition in store.partitions:
+                key = (store.name, partition)
+                if not store.sweeping(partition):
+                    now = store.stream_time(partition)
+                    if now - self._swept_at.setdefault(key, now) < EXPIRY_EVERY_MS:
+                        continue
+                    self._swept_at[key] = now
+                    store.begin_sweep(partition, EXPIRY_LATENESS_MS)
+                    expired[key] = 0
+                while store.sweeping(partition):
+                    gone = store.sweep(partition, SWEEP_SLICE_KEYS)
+                    deleted += gone
+                    expired[key] = expired.get(key, 0) + gone
+                    if store.sweeping(partition) and time.monotonic() >= deadline:
+                        return deleted
+                keys = expired.pop(key, 0)
+                if keys:
+                    log.info("state expired", store=store.name, partition=partition, keys=keys)
+        return deleted
 
     def _commit_stores(self) -> None:
         for changelog in self._changelogs:
@@ -299,6 +324,8 @@ class AtLeastOnce(Checkpoint):
             self._begin_snapshot()
             self._write_snapshot(SLICE_SECONDS)
             self._commit_snapshot()
+        if self._sweep(SWEEP_SECONDS):
+            self._uncommitted = True  # the deletes go to the changelog with the next snapshot
 
     def _check(self) -> None:
         self._producer.errors.raise_if_fatal()
@@ -317,8 +344,6 @@ class AtLeastOnce(Checkpoint):
         snapshot: dict[int, int] = {}
         for changelog in self._changelogs:
             store = changelog.store
-            for partition in store.partitions:
-                self._sweep(store, partition)
             for partition, position in store.begin_snapshot().items():
                 snapshot[partition] = min(position, snapshot.get(partition, position))
         self._snapshot = snapshot
@@ -529,11 +554,12 @@ class ExactlyOnce(Checkpoint):
             if self._held_for_brokers():
                 return  # abort once a coordinator can hear it
             self._abort_and_rewind("an output was not delivered")
-        elif (
-            transactions.opened_at is not None
-            and time.monotonic() - transactions.opened_at >= self._interval
-        ):
-            self.commit(rewind=True)
+        elif transactions.opened_at is not None:
+            # Keys a sweep deletes are changes of the open transaction: written with it, or
+            # restored by its abort.
+            self._sweep(SWEEP_SECONDS)
+            if time.monotonic() - transactions.opened_at >= self._interval:
+                self.commit(rewind=True)
 
     def commit(self, *, rewind: bool) -> bool:
         """Commit the open transaction; on failure abort it (and rewind, if `rewind`)."""

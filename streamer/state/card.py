@@ -499,6 +499,8 @@ _FORMAT_1: Final = 1
 _HEADER: Final = struct.Struct("<BHHHH")
 """Format version, then how many transactions, days (the latest included), merchants and
 countries."""
+_TIME: Final = struct.Struct("<q")
+"""A transaction time as written: both formats put the times, ascending, right after the header."""
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 _MAX_DAY_COUNT: Final = 2**31
 """Far above any card's day, and far enough below the u32 field that counting on cannot reach it."""
@@ -765,7 +767,30 @@ class _Reader:
         return seen
 
 
+def is_expired_encoded(data: bytes, now_ms: int) -> bool:
+    """`is_expired` of the history `encode_history` gave `data` (format 2 or 1), from its header
+    and latest transaction time alone: a sweep judges restored histories without decoding them.
+
+    Bytes too short for those, or of another format, are not expired: they stay until their
+    card's next record decodes them, which says what is wrong.
+    """
+    if len(data) < _HEADER.size or data[0] not in (_FORMAT_VERSION, _FORMAT_1):
+        return False
+    n_events = _HEADER.unpack_from(data)[1]
+    if n_events == 0:
+        return True  # an empty history, as `is_expired` judges it
+    end = _HEADER.size + 8 * n_events
+    if len(data) < end:
+        return False
+    latest: int = _TIME.unpack_from(data, end - 8)[0]
+    return latest <= now_ms - RETENTION_MS
+
+
 CARD_HISTORY_CODEC: Final[StateCodec[CardHistory]] = StateCodec(
-    encode=encode_history, decode=decode_history, copy=CardHistory.copy, expired=is_expired
+    encode=encode_history,
+    decode=decode_history,
+    copy=CardHistory.copy,
+    expired=is_expired,
+    expired_encoded=is_expired_encoded,
 )
 """How a keyed store writes, reads, copies and expires card histories."""

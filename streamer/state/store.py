@@ -44,6 +44,9 @@ class StateCodec(Generic[V]):
     """An independent copy, kept to roll back to."""
     expired: Callable[[V, int], bool]
     """Whether the value can be dropped at this stream time (ms): it no longer affects anything."""
+    expired_encoded: Callable[[bytes, int], bool]
+    """`expired` of the value `encode` gave these bytes, read without decoding it (a restored
+    value no record has used yet is judged so); False for bytes it cannot judge."""
 
 
 @dataclass(slots=True)
@@ -64,6 +67,10 @@ class _Partition(Generic[V]):
     """Values of the snapshot encoded by `checkout` before it let a record change them."""
     stream_time: int = 0
     """The latest event time (ms) applied in this partition, for expiry."""
+    sweep: list[str] = field(default_factory=list)
+    """Keys the sweep under way (`begin_sweep`) has yet to look at."""
+    sweep_at: int = 0
+    """The stream time (ms) the sweep under way judges expiry at."""
 
 
 class KeyedStore(Generic[V]):
@@ -220,24 +227,74 @@ class KeyedStore(Generic[V]):
 
     def expire(self, partition: int, lateness: int = 0) -> int:
         """Delete the partition's values that `codec.expired` at its stream time less `lateness`
-        (ms); how many.
+        (ms); how many. A whole sweep at once: `begin_sweep` and `sweep` spread one over calls.
 
         A record whose event time is up to `lateness` behind the partition's newest then still
         meets its key's value, whether or not a sweep ran before it: expiry changes nothing a
         record sees, wherever a restart or a batch boundary puts the sweep.
         """
+        self.begin_sweep(partition, lateness)
+        return self.sweep(partition)
+
+    def begin_sweep(self, partition: int, lateness: int = 0) -> None:
+        """Start a sweep of the partition's keys for values expired at its stream time less
+        `lateness` (ms), as now; `sweep` looks at them a slice at a time.
+
+        Records may go on between slices: a key is judged when its slice comes, at the stream
+        time of this call, and a key added meanwhile waits for the next sweep.
+        """
         part = self._partitions[partition]
-        self._decode_all(partition, part)
-        expired = self.codec.expired
-        now = part.stream_time - lateness
-        gone = [key for key, value in part.values.items() if expired(value, now)]
+        part.sweep = [*part.values, *part.raw]
+        part.sweep_at = part.stream_time - lateness
+
+    def sweeping(self, partition: int) -> bool:
+        """Whether the partition has a sweep under way with keys left to look at."""
+        return bool(self._partitions[partition].sweep)
+
+    def sweep(self, partition: int, limit: int | None = None) -> int:
+        """Look at up to `limit` keys of the partition's sweep (None: the rest) and delete the
+        expired ones; how many were deleted.
+
+        A restored value is judged from its bytes (`codec.expired_encoded`), not decoded. A
+        deleted key is a change like any other (a tombstone in the next changelog write, undone
+        by `rollback`); one the snapshot under way has not encoded yet is encoded first.
+        """
+        part = self._partitions[partition]
+        keys = part.sweep
+        if limit is None or limit >= len(keys):
+            taken, part.sweep = keys, []
+        else:
+            taken = keys[-limit:]
+            del keys[-limit:]
+        values, raw, now = part.values, part.raw, part.sweep_at
+        expired, expired_encoded = self.codec.expired, self.codec.expired_encoded
+        gone = []
+        for key in taken:
+            value = values.get(key)
+            if value is not None:
+                if expired(value, now):
+                    gone.append(key)
+            else:
+                data = raw.get(key)
+                if data is not None and expired_encoded(data, now):
+                    gone.append(key)
         for key in gone:
-            if key not in part.changed:
-                part.changed.add(key)
-                if self._keep_undo:
-                    part.undo[key] = part.values[key]
-            del part.values[key]
+            self._delete(partition, part, key)
         return len(gone)
+
+    def _delete(self, partition: int, part: _Partition[V], key: str) -> None:
+        value = part.values.pop(key, None)
+        data = part.raw.pop(key, None) if value is None else None
+        if part.snapshot and key in part.snapshot:
+            # Copy on write, as `checkout` does: the snapshot takes the value before it goes.
+            part.snapshot.discard(key)
+            part.snapshot_written.append((key, data if value is None else self.codec.encode(value)))
+        if key not in part.changed:
+            part.changed.add(key)
+            if self._keep_undo:
+                if value is None and data is not None:
+                    value = self._decode(partition, key, data)
+                part.undo[key] = value
 
     def changes(self, partition: int) -> list[tuple[str, bytes | None]]:
         """Each key changed since the last commit, with its encoded value (None: deleted)."""

@@ -28,6 +28,7 @@ from streamer.state.card import (
     encode_history,
     history_features,
     is_expired,
+    is_expired_encoded,
 )
 
 # 2026-01-01 00:00:00 UTC
@@ -426,6 +427,29 @@ class TestCodec:
         assert from_1 == from_2 == histories
         later = records[1_000:]
         assert np.array_equal(score(from_1, later), score(from_2, later), equal_nan=True)
+
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_expiry_is_judged_from_the_bytes_as_from_the_history(self, seed: int) -> None:
+        """`is_expired_encoded` of either format's bytes agrees with `is_expired` of the
+        history at every stream time around its expiry."""
+        histories: dict[str, CardHistory] = {}
+        score(histories, stream(seed, count=1_000, cards=20))
+        histories["empty"] = CardHistory()
+        for history in histories.values():
+            expires = history.latest_ms + RETENTION_MS if history.latest_ms > 0 else START_MS
+            for data in (encode_history(history), _encode_format_1(history)):
+                for now in (expires - 1, expires, expires + 1, START_MS):
+                    assert is_expired_encoded(data, now) == is_expired(history, now)
+
+    def test_bytes_expiry_cannot_judge_are_kept(self) -> None:
+        """Bytes too short for their times, or of an unknown format, are not expired: the card's
+        next record decodes them and says what is wrong."""
+        data = encode_history(history_of([Tx("c", START_MS, 1.0)]))
+        late = START_MS + 10 * RETENTION_MS
+        assert is_expired_encoded(data, late)
+        assert not is_expired_encoded(data[:12], late)
+        assert not is_expired_encoded(b"\x03" + data[1:], late)
+        assert not is_expired_encoded(b"", late)
 
     def test_decode_error_is_a_value_error(self) -> None:
         """Stores catch ValueError for bytes they cannot read."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -10,8 +11,15 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamer.errors import DeliveryFailedError, FencedError
 from streamer.headers import CHANGELOG_POSITION
+from streamer.kafka import checkpoint as checkpoint_module
 from streamer.kafka.changelog import value_position
-from streamer.kafka.checkpoint import AtLeastOnce, Changelog, Checkpoint, ExactlyOnce
+from streamer.kafka.checkpoint import (
+    EXPIRY_EVERY_MS,
+    AtLeastOnce,
+    Changelog,
+    Checkpoint,
+    ExactlyOnce,
+)
 from streamer.kafka.clients import ClientErrors, OutputProducer
 from streamer.kafka.transactions import AbortableError, Transactions
 from streamer.state.store import KeyedStore, StateCodec
@@ -27,6 +35,7 @@ COUNTS: StateCodec[list[int]] = StateCodec(
     decode=lambda data: list(json.loads(data)),
     copy=list,
     expired=lambda value, now: False,
+    expired_encoded=lambda data, now: False,
 )
 """A store of per-key lists of offsets: what each key has seen."""
 
@@ -59,15 +68,20 @@ class Rig:
         else:
             self.checkpoint = AtLeastOnce(consumer, producer, changelogs, 0.0)
 
-    def feed(self, partition: int, offsets: range, key: str = "k") -> None:
-        """Records `offsets` of `partition`, each adding its offset to `key`'s state, produced."""
+    def feed(self, partition: int, offsets: range, key: str = "k", at: int | None = None) -> None:
+        """Records `offsets` of `partition`, each adding its offset to `key`'s state, produced;
+        `at`: their event time (the partition's stream time moves to it)."""
         sources = [(INPUT, partition, offset) for offset in offsets]
         keys = [key.encode()] * len(sources)
         view = self.store.checkout([partition] * len(sources), [key] * len(sources))
         value = view.setdefault(key, [])
         value.extend(offsets)
         self.store.checkin(
-            view, [partition] * len(sources), [key] * len(sources), {partition: offsets[-1] + 1}, {}
+            view,
+            [partition] * len(sources),
+            [key] * len(sources),
+            {partition: offsets[-1] + 1},
+            {} if at is None else {partition: at},
         )
         outputs: list[bytes | None] = []
         callbacks = self.checkpoint.outputs(sources, keys, outputs)
@@ -193,6 +207,34 @@ class TestCommit:
         rig.checkpoint.revoke([(INPUT, 0), (INPUT, 1)])
         assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
         assert rig.store.partitions == []
+
+
+class TestExpiry:
+    def test_a_sweep_goes_a_slice_a_turn_and_its_deletes_commit(
+        self, rig: Rig, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An hour of stream time on, a partition's idle keys are swept a slice per turn of the
+        loop, and their tombstones commit like any change (exactly-once: in the open
+        transaction)."""
+        monkeypatch.setattr(checkpoint_module, "SWEEP_SLICE_KEYS", 2)
+        monkeypatch.setattr(checkpoint_module, "SWEEP_SECONDS", 0.0)
+        rig.store.codec = replace(COUNTS, expired=lambda value, now: value[-1] < 5)
+        for offset, key in enumerate("abc"):
+            rig.feed(0, range(offset, offset + 1), key=key, at=0)
+        rig.settle()
+        rig.producer.produced.clear()
+        rig.feed(0, range(10, 11), at=EXPIRY_EVERY_MS)
+        rig.checkpoint.maintain()
+        assert rig.store.sweeping(0), "four keys, two a turn: the sweep goes on"
+        rig.feed(0, range(11, 12), at=EXPIRY_EVERY_MS)
+        rig.settle()
+        rig.settle()
+        assert not rig.store.sweeping(0)
+        assert set(rig.store.values(0)) == {"k"}
+        tombstones = sorted(key for _, key, value, _ in rig.changelog() if value is None)
+        assert tombstones == [b"a", b"b", b"c"]
+        assert (INPUT, 0, 12) in rig.committed()[-1][1]
+        assert not rig.checkpoint.pending
 
 
 class TestFailure:

@@ -13,6 +13,7 @@ TOTALS: StateCodec[list[int]] = StateCodec(
     decode=lambda data: list(json.loads(data)),
     copy=list,
     expired=lambda value, now: value[-1] <= now - 100,
+    expired_encoded=lambda data, now: int(data.rsplit(b",", 1)[-1].strip(b" []")) <= now - 100,
 )
 """Values are lists of event times; a value idle for 100 time units expires."""
 
@@ -138,6 +139,72 @@ class TestExpiry:
         _apply(store, 0, "new", 150, 1)
         assert store.expire(0, lateness=60) == 0
         assert store.expire(0, lateness=40) == 1
+
+    def test_a_sweep_goes_a_slice_at_a_time(self, store: KeyedStore[list[int]]) -> None:
+        """`sweep` looks at `limit` keys a call, at the stream time its sweep began; a key
+        added meanwhile waits for the next sweep, and records go on between slices."""
+        for offset in range(10):
+            _apply(store, 0, f"old-{offset}", offset, offset)
+        _apply(store, 0, "new", 150, 10)
+        store.begin_sweep(0)
+        deleted = []
+        while store.sweeping(0):
+            deleted.append(store.sweep(0, limit=4))
+            _apply(store, 0, "added", 1, 11)  # judged by the next sweep, not this one
+        assert len(deleted) == 3
+        assert sum(deleted) == 10
+        assert set(store.values(0)) == {"new", "added"}
+        assert store.expire(0) == 1
+        assert set(store.values(0)) == {"new"}
+
+    def test_a_sweep_judges_restored_values_without_decoding_them(self) -> None:
+        """A restored value no record used yet is judged from its bytes, never decoded."""
+        decoded: list[bytes] = []
+
+        def decode(data: bytes) -> list[int]:
+            decoded.append(data)
+            return list(json.loads(data))
+
+        codec = StateCodec(
+            encode=TOTALS.encode,
+            decode=decode,
+            copy=list,
+            expired=TOTALS.expired,
+            expired_encoded=TOTALS.expired_encoded,
+        )
+        store: KeyedStore[list[int]] = KeyedStore("totals", codec, keep_undo=False)
+        store.assign(0)
+        store.restore(0, [(b"old", b"[1, 2]"), (b"new", b"[140, 150]")])
+        store.restored(0, 2)
+        _apply(store, 0, "other", 150, 2)
+        decoded.clear()
+        assert store.expire(0) == 1
+        assert decoded == []
+        assert sorted(store.changes(0)) == [("old", None), ("other", b"[150]")]
+        assert set(store.values(0)) == {"new", "other"}
+
+    def test_a_deleted_restored_value_is_rolled_back(self, store: KeyedStore[list[int]]) -> None:
+        """Exactly-once: a restored value a sweep deletes comes back, decoded, on rollback."""
+        store.restore(0, [(b"old", b"[1]")])
+        store.restored(0, 1)
+        _apply(store, 0, "new", 150, 1)
+        store.commit()
+        assert store.expire(0) == 1
+        store.rollback()
+        assert store.values(0) == {"old": [1], "new": [150]}
+
+    def test_a_sweep_leaves_the_snapshot_under_way_its_values(self) -> None:
+        """At-least-once: a key the snapshot under way has not encoded yet is encoded before a
+        sweep deletes it, so the snapshot holds the state as of its position."""
+        store: KeyedStore[list[int]] = KeyedStore("totals", TOTALS, keep_undo=False)
+        store.assign(0)
+        _apply(store, 0, "old", 1, 0)
+        _apply(store, 0, "new", 150, 1)
+        assert store.begin_snapshot() == {0: 2}
+        assert store.expire(0) == 1
+        written = sorted(store.snapshot_slice(10))
+        assert written == [(0, "new", b"[150]"), (0, "old", b"[1]")]
+        assert store.changes(0) == [("old", None)]
 
 
 class TestRestore:
