@@ -37,7 +37,7 @@ from streamer.model.artifact import (
     load_model,
     save_model,
 )
-from streamer.model.scorer import Scorer
+from streamer.model.scorer import FLAT_TREES_MAX_ROWS, Scorer
 from streamer.model.train import (
     HGB_PARAMS,
     MIN_TRAINING_DAYS,
@@ -50,6 +50,7 @@ from streamer.model.train import (
     split_by_day,
     train_model,
 )
+from streamer.model.trees import FlatTrees
 from streamer.synthetic import DEFAULT_START_MS, SyntheticWorld
 
 TEST_TRAINING_SIZE = 20_000
@@ -601,10 +602,54 @@ class TestScorer:
             return original(self, x)
 
         monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", spying)
-        scorer.score(unseen[0][:10])
+        scorer.score(unseen[0][: FLAT_TREES_MAX_ROWS + 10])
 
         assert seen
         assert set(seen) == {1}
+
+    def test_small_batches_score_as_predict_proba_bit_for_bit(
+        self,
+        trained: tuple[Path, ModelCard],
+        unseen: tuple[np.ndarray, np.ndarray],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Up to FLAT_TREES_MAX_ROWS rows are scored without predict_proba, to the same bits
+        (missing values included)."""
+        scorer = Scorer.from_path(trained[0])
+        estimator = load_model(trained[0]).estimator
+        features = unseen[0].copy()
+        features[::7, FEATURE_ORDER.index("amount_to_card_mean_30d")] = np.nan
+        features[::5, FEATURE_ORDER.index("seconds_since_previous")] = np.nan
+        calls: list[int] = []
+        original = HistGradientBoostingClassifier.predict_proba
+
+        def counting(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
+            calls.append(len(x))
+            return original(self, x)
+
+        for start in range(0, 4_000, FLAT_TREES_MAX_ROWS):
+            for rows in (1, 7, FLAT_TREES_MAX_ROWS):
+                batch = features[start : start + rows]
+                expected = estimator.predict_proba(batch)[:, 1]
+                monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", counting)
+                scores = scorer.score(batch)
+                monkeypatch.undo()
+                assert scores.view(np.int64).tolist() == expected.view(np.int64).tolist()
+        assert calls == []
+
+    def test_flat_trees_decline_what_they_do_not_cover(self) -> None:
+        """Several classes, categorical splits or another estimator: None (predict_proba)."""
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(300, 3))
+        x[:, 2] = rng.integers(0, 4, size=300)
+        binary = (x[:, 0] > 0).astype(int)
+        multi = rng.integers(0, 3, size=300)
+        fitted = HistGradientBoostingClassifier(max_iter=5).fit(x, binary)
+        assert FlatTrees.of(fitted) is not None
+        assert FlatTrees.of(HistGradientBoostingClassifier(max_iter=5).fit(x, multi)) is None
+        categorical = HistGradientBoostingClassifier(max_iter=5, categorical_features=[2])
+        assert FlatTrees.of(categorical.fit(x, binary)) is None
+        assert FlatTrees.of(LogisticRegression().fit(x, binary)) is None
 
     def test_empty_batch_gives_no_scores(self, trained: tuple[Path, ModelCard]) -> None:
         """A (0, n) matrix gives an empty score array."""
