@@ -50,7 +50,9 @@ How each number is taken, and why:
   `latency_rounds` rounds feed one processor, then the other (the order alternates), for
   `latency_seconds / latency_rounds` each after `warmup_seconds` that are sent but not counted:
   a stall of the shared machine, such as a pause of the broker's garbage collector, lands in
-  either processor's samples alike instead of in whichever ran at that moment. One thread paces
+  either processor's samples alike instead of in whichever ran at that moment. Each processor's
+  events continue a synthetic world of its own (`LatencyFeed`, the same seed for both), never
+  sending an event twice, so card histories age as event time moves on. One thread paces
   sends (in slices of at most 1 ms), stamps each send with `perf_counter_ns` just before
   `produce`, learns the record's partition and offset from its delivery report, and between sends
   reads the output topic; an output is joined to its send by the
@@ -83,6 +85,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -148,12 +151,6 @@ START_TIMEOUT: Final = 120.0
 """Longest wait for a started processor to answer its first records (imports, model, join)."""
 DRAIN_TIMEOUT: Final = 60.0
 """After a paced run, longest wait for the outputs still on their way."""
-LATENCY_POOL_SIZE: Final = 50_000
-"""Distinct events the latency producer cycles through.
-
-The scorer keeps state per card, not per event: an event sent again is a new transaction of its
-card, which its history takes as happening at the card's latest time (it never goes back).
-"""
 FIRST_WARMUP_EVENTS: Final = 200
 SCRAPE_SECONDS: Final = 1.0
 """Seconds between two scrapes of a scorer's metrics: 15 times as often as Prometheus's default."""
@@ -192,6 +189,7 @@ class _Lane:
     topic: str
     reader: LatencyReader
     process: ChildProcess
+    feed: LatencyFeed
 
 
 @dataclass(frozen=True)
@@ -756,12 +754,14 @@ class Bench:
         )
         return memory
 
-    def latency(self, pool: Sequence[tuple[bytes, bytes]]) -> list[Latency]:
+    def latency(self) -> list[Latency]:
         """Both processors, each on fresh topics, measured in alternating rounds at each rate.
 
         Returns one result per processor and rate. Rounds alternate which processor goes first,
         so a stall of the shared machine (a broker garbage collection, say) is as likely to land
-        in either's samples; both keep running throughout, the one not fed idles.
+        in either's samples; both keep running throughout, the one not fed idles. Each processor's
+        events continue one synthetic world (`LatencyFeed`), encoded before the round that sends
+        them.
         """
         options = self.options
         producer = OutputProducer(self.settings.producer_config(), name="bench-latency")
@@ -769,7 +769,7 @@ class Bench:
         lanes: dict[str, _Lane] = {}
         try:
             for kind in kinds:
-                lanes[kind] = self._start_lane(kind, producer, pool)
+                lanes[kind] = self._start_lane(kind, producer)
             round_seconds = options.latency_seconds / options.latency_rounds
             results = []
             for rate in options.rates:
@@ -781,7 +781,8 @@ class Bench:
                 for number in range(options.latency_rounds):
                     for kind in kinds if number % 2 == 0 else kinds[::-1]:
                         lane = lanes[kind]
-                        run = PacedRun(producer, lane.reader, lane.topic, pool, lane.process)
+                        events = lane.feed.take(total)
+                        run = PacedRun(producer, lane.reader, lane.topic, events, lane.process)
                         run.send(rate, total, warmup=warmup)
                         if not run.drain(DRAIN_TIMEOUT):
                             log(f"latency: {kind} at {rate:,.0f}/s: outputs still missing")
@@ -816,9 +817,7 @@ class Bench:
         results.sort(key=lambda result: kinds.index(result.processor))
         return results
 
-    def _start_lane(
-        self, kind: str, producer: OutputProducer, pool: Sequence[tuple[bytes, bytes]]
-    ) -> _Lane:
+    def _start_lane(self, kind: str, producer: OutputProducer) -> _Lane:
         """Start `kind` on fresh topics and wait until it answers its first records."""
         settings = self.settings
         label = f"{kind}-latency"
@@ -837,9 +836,10 @@ class Bench:
             dlq_topic=dlq,
             group=f"bench-{self.run_id}-{label}",
         )
-        lane = _Lane(input_topic, reader, process)
+        feed = LatencyFeed(self.options.seed + 2)
+        lane = _Lane(input_topic, reader, process, feed)
         log(f"latency: {kind} started (pid {process.pid}); waiting for it to answer")
-        first = PacedRun(producer, reader, input_topic, pool, process)
+        first = PacedRun(producer, reader, input_topic, feed.take(FIRST_WARMUP_EVENTS), process)
         first.send(1_000.0, FIRST_WARMUP_EVENTS, warmup=FIRST_WARMUP_EVENTS)
         if not first.drain(START_TIMEOUT):
             lane.process.kill()
@@ -927,9 +927,8 @@ class Bench:
                 )
             with timed(phases, "state memory"):
                 report.state_memory = self.state_memory()
-            pool = latency_pool(options.seed + 2, min(LATENCY_POOL_SIZE, options.events))
             with timed(phases, "latency"):
-                report.latency = self.latency(pool)
+                report.latency = self.latency()
         finally:
             self.kill_all()
             delete_topics(self.settings.admin_config(), self.topics)
@@ -1097,12 +1096,24 @@ def new_card_events(seed: int, count: int) -> Iterator[LabelledTransaction]:
         yield LabelledTransaction(record, event.is_fraud)
 
 
-def latency_pool(seed: int, size: int) -> list[tuple[bytes, bytes]]:
-    """Encoded (key, value) synthetic events for the paced producer to cycle through."""
-    return [
-        (event.record["card_id"].encode(), encode_transaction(event.record))
-        for event in SyntheticWorld(seed).generate(size)
-    ]
+class LatencyFeed:
+    """The events of one processor's latency lane: a synthetic world's stream, encoded.
+
+    Each `take` continues where the last one ended, so no event is sent twice and event time
+    moves on as in a live stream. (Events sent again would be new transactions of their cards at
+    each card's latest time, which never goes back: every pass would add to histories that never
+    age, and the stateful scorer would be timed on cards far busier than any the world has.)
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._events = SyntheticWorld(seed).generate(sys.maxsize)
+
+    def take(self, count: int) -> list[tuple[bytes, bytes]]:
+        """The next `count` events as (key, value) bytes."""
+        return [
+            (event.record["card_id"].encode(), encode_transaction(event.record))
+            for event in islice(self._events, count)
+        ]
 
 
 # -- machine -------------------------------------------------------------------------------------

@@ -428,13 +428,14 @@ class PacedRun:
         producer: OutputProducer,
         reader: LatencyReader,
         topic: str,
-        pool: Sequence[tuple[bytes, bytes]],
+        events: Sequence[tuple[bytes, bytes]],
         process: ChildProcess,
     ) -> None:
+        """`events`: the encoded (key, value) pairs to send, in order; `send` sends a prefix."""
         self._producer = producer
         self._reader = reader
         self._topic = topic
-        self._pool = pool
+        self._events = events
         self._process = process
         self.sent_at: dict[tuple[int, int], int] = {}
         """Measured sends: (partition, offset) → perf_counter_ns just before produce."""
@@ -461,11 +462,13 @@ class PacedRun:
         return on_delivery
 
     def send(self, rate: float, total: int, *, warmup: int) -> None:
-        """Send `total` events at `rate`/s; the first `warmup` are not measured.
+        """Send the first `total` events at `rate`/s; the first `warmup` are not measured.
 
         The garbage collector is off meanwhile: a collection pass over the bookkeeping would
         pause the sender and the reader, and show up as processor latency.
         """
+        if total > len(self._events):
+            raise ValueError(f"{total} events to send, {len(self._events)} given")
         gc.disable()
         try:
             self._send(rate, total, warmup)
@@ -473,7 +476,7 @@ class PacedRun:
             gc.enable()
 
     def _send(self, rate: float, total: int, warmup: int) -> None:
-        producer, reader, pool, topic = self._producer, self._reader, self._pool, self._topic
+        producer, reader, events, topic = self._producer, self._reader, self._events, self._topic
         produce = producer.produce
         clock = time.perf_counter_ns
         start = clock()
@@ -484,7 +487,7 @@ class PacedRun:
             now = clock()
             due = min(total, int((now - start) * rate / 1e9) + 1)
             while index < due:
-                key, value = pool[index % len(pool)]
+                key, value = events[index]
                 stamp = clock()
                 measured = index >= warmup
                 if index == warmup:
