@@ -84,6 +84,19 @@ def unseen() -> tuple[np.ndarray, np.ndarray]:
     return features, np.array([item.is_fraud for item in items])
 
 
+def _count_predict_proba(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count HistGradientBoostingClassifier.predict_proba calls: the rows of each, in order."""
+    calls: list[int] = []
+    original = HistGradientBoostingClassifier.predict_proba
+
+    def counting(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
+        calls.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", counting)
+    return calls
+
+
 def _rewrite_card(model_path: Path, **changes: Any) -> None:
     card_path = card_path_for(model_path)
     card = json.loads(card_path.read_text()) | changes
@@ -574,14 +587,7 @@ class TestScorer:
     ) -> None:
         """A batch is scored with a single predict_proba call."""
         scorer = Scorer.from_path(trained[0])
-        calls: list[int] = []
-        original = HistGradientBoostingClassifier.predict_proba
-
-        def counting(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
-            calls.append(len(x))
-            return original(self, x)
-
-        monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", counting)
+        calls = _count_predict_proba(monkeypatch)
         scorer.score(unseen[0][:500])
 
         assert calls == [500]
@@ -620,21 +626,16 @@ class TestScorer:
         features = unseen[0].copy()
         features[::7, FEATURE_ORDER.index("amount_to_card_mean_30d")] = np.nan
         features[::5, FEATURE_ORDER.index("seconds_since_previous")] = np.nan
-        calls: list[int] = []
-        original = HistGradientBoostingClassifier.predict_proba
-
-        def counting(self: HistGradientBoostingClassifier, x: np.ndarray) -> Any:
-            calls.append(len(x))
-            return original(self, x)
-
-        for start in range(0, 4_000, FLAT_TREES_MAX_ROWS):
-            for rows in (1, 7, FLAT_TREES_MAX_ROWS):
-                batch = features[start : start + rows]
-                expected = estimator.predict_proba(batch)[:, 1]
-                monkeypatch.setattr(HistGradientBoostingClassifier, "predict_proba", counting)
-                scores = scorer.score(batch)
-                monkeypatch.undo()
-                assert scores.view(np.int64).tolist() == expected.view(np.int64).tolist()
+        batches = [
+            features[start : start + rows]
+            for start in range(0, 4_000, FLAT_TREES_MAX_ROWS)
+            for rows in (1, 7, FLAT_TREES_MAX_ROWS)
+        ]
+        expected = [estimator.predict_proba(batch)[:, 1] for batch in batches]
+        calls = _count_predict_proba(monkeypatch)
+        for batch, wanted in zip(batches, expected, strict=True):
+            scores = scorer.score(batch)
+            assert scores.view(np.int64).tolist() == wanted.view(np.int64).tolist()
         assert calls == []
 
     def test_flat_trees_decline_what_they_do_not_cover(self) -> None:
