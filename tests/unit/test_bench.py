@@ -28,7 +28,11 @@ from streamer.tools.bench.breakdown import (
     time_hot_loop,
 )
 from streamer.tools.bench.harness import (
+    NO_METRICS,
     STATE_EVENTS_PER_DAY,
+    STATELESS,
+    THROUGHPUT_RUNS,
+    USERS_SCORER,
     challenger_seed,
     median_restore,
     median_run,
@@ -40,10 +44,13 @@ from streamer.tools.bench.instruments import ChildProcess, source_of
 from streamer.tools.bench.report import (
     FILE_SCORER,
     MB,
+    METRICS_PAIR,
     PASSTHROUGH,
     SCORER,
+    STATE_PAIR,
     HeldState,
     Latency,
+    PairedRatio,
     Report,
     Restore,
     StageCost,
@@ -53,6 +60,7 @@ from streamer.tools.bench.report import (
     evaluate_targets,
     format_table,
     latency_percentiles,
+    paired_ratio,
     plot_latency_cdfs,
     render,
     report_to_json,
@@ -292,6 +300,31 @@ class TestEvaluateTargets:
         assert (shown.status, shown.measured) == ("FAIL", "0.94 x")
         assert shown.goal == ">= 0.95 x without metrics"
         assert target(make_report(one=60_000.0, no_metrics=63_000.0), shown.name).status == "pass"
+
+    def test_paired_rounds_decide_the_ratio_targets(self) -> None:
+        """The median of the rounds' ratios is judged, not the ratio of the medians shown.
+
+        Medians of drains taken minutes apart: 60,000 against 64,000 (0.94) would fail; round
+        by round the scorer was within 5% of its neighbour without metrics twice of three times.
+        """
+        report = make_report(one=60_000.0, no_metrics=64_000.0, stateless=100_000.0)
+        report.paired = [
+            PairedRatio(METRICS_PAIR, (0.97, 0.91, 0.96)),
+            PairedRatio(STATE_PAIR, (0.75, 0.69, 0.72)),
+        ]
+        report.targets = evaluate_targets(report)
+        metrics = target(report, "metrics on / off throughput")
+        assert (metrics.status, metrics.measured) == (
+            "pass",
+            "0.96 x (0.97 · 0.91 · 0.96 by round)",
+        )
+        state = target(report, "stateful / stateless throughput")
+        assert (state.status, state.measured) == ("pass", "0.72 x (0.75 · 0.69 · 0.72 by round)")
+        report.paired = [PairedRatio(METRICS_PAIR, (0.97, 0.91, 0.93, 0.99))]
+        report.targets = evaluate_targets(report)
+        # The lower of the middle two of four; the stateless pair, absent, falls back to 0.60.
+        assert target(report, "metrics on / off throughput").status == "FAIL"
+        assert target(report, "stateful / stateless throughput").measured == "0.60 x"
 
     def test_the_no_metrics_baseline_is_never_the_scorer_judged(self) -> None:
         """Listed first, the metrics-off run still does not stand in for the scorer users run."""
@@ -568,6 +601,18 @@ class TestReportJson:
         assert data["breakdown"]["cards"] == 16_000
         assert data["breakdown"]["with_history"] == pytest.approx(0.9)
         assert data["breakdown"]["history_days"] == 7.0
+
+    def test_paired_ratios_in_json_and_table(self) -> None:
+        """Each round's ratio and their median are in the JSON, and under the throughput table."""
+        report = make_report()
+        report.paired = [PairedRatio(METRICS_PAIR, (0.97, 0.91, 0.96))]
+        data = report_to_json(report)
+        assert data["paired"] == [
+            {"name": METRICS_PAIR, "ratios": [0.97, 0.91, 0.96], "median": 0.96}
+        ]
+        assert "metrics on / off: the scorer and its baseline drained back to back" in render(
+            report, markdown=True
+        )
 
     def test_state_not_measured_is_null(self) -> None:
         report = make_report()
@@ -990,6 +1035,31 @@ class TestServeBench:
         table = _table([result], ServeBenchOptions(rates=(200, 500, 1000)))
         assert "| 500/s |" in table
         assert "40.0 / 300.0 ms (100%)" in table
+
+
+def test_paired_ratio_is_taken_round_by_round() -> None:
+    """Each round's scorer drain over the same round's baseline; unavailable rounds left out."""
+    ours = [Throughput(SCORER, "at-least-once", 1, events, 10.0) for events in (900, 1_000, 800)]
+    theirs = [
+        Throughput(SCORER, "at-least-once", 1, 1_000, 10.0),
+        Throughput(SCORER, "at-least-once", 1, available=False),
+        Throughput(SCORER, "at-least-once", 1, 800, 10.0),
+    ]
+    paired = paired_ratio(METRICS_PAIR, ours, theirs)
+    assert paired.ratios == (0.9, 1.0)
+    assert paired.median == 0.9
+    assert math.isnan(paired_ratio(METRICS_PAIR, ours, []).median)
+
+
+def test_each_baseline_drains_next_to_the_scorer_users_run_in_every_round() -> None:
+    """Whichever way a round goes, the runs without metrics and without state are neighbours
+    of the scorer users run, so their per-round ratios compare drains of the same moment."""
+    assert THROUGHPUT_RUNS[0][0] == PASSTHROUGH
+    for repeat in range(4):
+        order = round_order(THROUGHPUT_RUNS, repeat)
+        users = order.index(USERS_SCORER)
+        assert {order[users - 1], order[users + 1]} == {NO_METRICS, STATELESS}
+    assert sorted(round_order(THROUGHPUT_RUNS, 1)) == sorted(THROUGHPUT_RUNS)
 
 
 def test_rounds_alternate_the_order_of_the_scorer_runs() -> None:

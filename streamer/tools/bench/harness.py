@@ -9,7 +9,10 @@ How each number is taken, and why:
   median events/s is reported (the others in its note): on a shared machine one drain can be 20% off
   the next. Every other round takes the scorer's runs in reverse order (`round_order`), so no run is
   always the first after the pass-through: the runs compared with one another (metrics on and off,
-  with and without state) meet the machine's drifts alike. The processor runs as a process of its
+  with and without state) meet the machine's drifts alike. The two baselines (no metrics, no
+  state) drain right before and after the scorer users run in every round, whichever way it goes
+  (`THROUGHPUT_RUNS`), and their targets judge the median of the rounds' ratios (`PairedRatio`),
+  not the ratio of two medians taken minutes apart. The processor runs as a process of its
   own, exactly as users run it (`streamer run --until-idle S`; the pass-through with the same
   flags), and exits by itself when the topic is drained. Output topics are created with
   `message.timestamp.type=LogAppendTime`, so each output record carries the time the broker appended
@@ -130,8 +133,10 @@ from streamer.tools.bench.instruments import (
 )
 from streamer.tools.bench.report import (
     FILE_SCORER,
+    METRICS_PAIR,
     PASSTHROUGH,
     SCORER,
+    STATE_PAIR,
     HeldState,
     Latency,
     Report,
@@ -140,6 +145,7 @@ from streamer.tools.bench.report import (
     Throughput,
     evaluate_targets,
     latency_percentiles,
+    paired_ratio,
     plot_latency_cdfs,
     render,
     report_to_json,
@@ -878,27 +884,11 @@ class Bench:
             report.breakdown = stage_costs(times.wall, times.cpu, report.breakdown_records)
             with timed(phases, "state held"):
                 report.held_state = self.held_state()
-            # (kind, guarantee, processes, card state, metrics, shadow): the scorer as users run
-            # it, with card state and metrics, in both modes and two processes; without state
-            # once and without metrics once, as their baselines; with a challenger once, whose
-            # baseline is the scorer as users run it.
-            users_scorer = (SCORER, "at-least-once", 1, True, True, False)
-            runs = (
-                (PASSTHROUGH, "at-least-once", 1, False, False, False),
-                users_scorer,
-                (SCORER, "at-least-once", 1, False, True, False),
-                (SCORER, "at-least-once", 1, True, False, False),
-                (SCORER, "at-least-once", 1, True, True, True),
-                (SCORER, "exactly-once", 1, True, True, False),
-                (SCORER, "at-least-once", 2, True, True, False),
-            )
-            repeats: dict[tuple[str, str, int, bool, bool, bool], list[Throughput]] = {
-                r: [] for r in runs
-            }
+            repeats: dict[_ThroughputRun, list[Throughput]] = {r: [] for r in THROUGHPUT_RUNS}
             stateful_drains: list[_Drain] = []
             with timed(phases, "throughput"):
                 for repeat in range(options.throughput_repeats):
-                    for run in round_order(runs, repeat):
+                    for run in round_order(THROUGHPUT_RUNS, repeat):
                         done = repeats[run]
                         if done and not done[0].available:
                             continue
@@ -915,9 +905,13 @@ class Bench:
                             repeat=repeat,
                         )
                         done.append(result)
-                        if run == users_scorer:
+                        if run == USERS_SCORER:
                             stateful_drains.append(drain)
             report.throughput = [median_run(done) for done in repeats.values()]
+            report.paired = [
+                paired_ratio(METRICS_PAIR, repeats[USERS_SCORER], repeats[NO_METRICS]),
+                paired_ratio(STATE_PAIR, repeats[USERS_SCORER], repeats[STATELESS]),
+            ]
             with timed(phases, "file score"):
                 report.throughput.append(self.file_score())
             with timed(phases, "restore"):
@@ -979,6 +973,26 @@ class Bench:
             },
         }
 
+
+_ThroughputRun = tuple[str, str, int, bool, bool, bool]
+"""(kind, guarantee, processes, card state, metrics, shadow)."""
+USERS_SCORER: Final[_ThroughputRun] = (SCORER, "at-least-once", 1, True, True, False)
+"""The scorer as users run it: card state and metrics, at-least-once, one process."""
+NO_METRICS: Final[_ThroughputRun] = (SCORER, "at-least-once", 1, True, False, False)
+STATELESS: Final[_ThroughputRun] = (SCORER, "at-least-once", 1, False, True, False)
+THROUGHPUT_RUNS: Final[tuple[_ThroughputRun, ...]] = (
+    (PASSTHROUGH, "at-least-once", 1, False, False, False),
+    NO_METRICS,
+    USERS_SCORER,
+    STATELESS,
+    (SCORER, "at-least-once", 1, True, True, True),
+    (SCORER, "exactly-once", 1, True, True, False),
+    (SCORER, "at-least-once", 2, True, True, False),
+)
+"""The throughput runs of a round: the scorer as users run it, in both modes and two processes;
+without metrics and without state, its baselines, drained right before and after it (whichever
+way `round_order` takes the round) so each round's ratio is a fair pair (`paired_ratio`); with a
+challenger, whose baseline is the scorer as users run it."""
 
 _Run = TypeVar("_Run")
 
