@@ -65,6 +65,12 @@ EXPIRY_EVERY_MS: Final = 3_600_000
 EXPIRY_LATENESS_MS: Final = 7 * 86_400_000
 """A sweep deletes what expired this long before the partition's newest event time, so a record
 up to a week late still meets the state it would have met without the sweep."""
+SWEEP_MIN_SECONDS: Final = 60.0
+"""Seconds of the clock at least between the starts of two sweeps of a partition. When stream time
+runs far ahead of the clock (a backlog caught up, a replay; the synthetic world's day passes in
+seconds at 5,000 events/s), a sweep per `EXPIRY_EVERY_MS` of stream time would look at every key
+again and again, a millisecond of nearly every turn of the loop; an idle key is deleted at most
+this much later."""
 SWEEP_SECONDS: Final = 0.001
 """About how long a turn of the loop spends on the sweeps under way: a sweep looks at every key of
 its partition, which at a million keys would stop the loop for a good part of a second."""
@@ -100,6 +106,7 @@ class Checkpoint(ABC):
         self._tracker = DeliveryTracker()
         self._last_commit = time.monotonic()
         self._swept_at: dict[tuple[str, int], int] = {}
+        self._swept_clock: dict[tuple[str, int], float] = {}
         self._expired: dict[tuple[str, int], int] = {}
         """Per (store, partition) with a sweep under way, the keys it has deleted so far."""
         self.callback_error: BaseException | None = None
@@ -223,9 +230,10 @@ class Checkpoint(ABC):
 
     def _sweep(self, seconds: float) -> int:
         """Expire idle keys: a partition's sweep begins once per `EXPIRY_EVERY_MS` of its stream
-        time and goes on a slice at a time, for about `seconds` a call (at least one slice).
-        Returns how many keys this call deleted."""
-        deadline = time.monotonic() + seconds
+        time (and `SWEEP_MIN_SECONDS` of the clock) and goes on a slice at a time, for about
+        `seconds` a call (at least one slice). Returns how many keys this call deleted."""
+        clock = time.monotonic()
+        deadline = clock + seconds
         expired = self._expired
         deleted = 0
         for changelog in self._changelogs:
@@ -234,9 +242,13 @@ class Checkpoint(ABC):
                 key = (store.name, partition)
                 if not store.sweeping(partition):
                     now = store.stream_time(partition)
-                    if now - self._swept_at.setdefault(key, now) < EXPIRY_EVERY_MS:
+                    if (
+                        now - self._swept_at.setdefault(key, now) < EXPIRY_EVERY_MS
+                        or clock - self._swept_clock.setdefault(key, clock) < SWEEP_MIN_SECONDS
+                    ):
                         continue
                     self._swept_at[key] = now
+                    self._swept_clock[key] = clock
                     store.begin_sweep(partition, EXPIRY_LATENESS_MS)
                     expired[key] = 0
                 while store.sweeping(partition):

@@ -218,6 +218,7 @@ class TestExpiry:
         transaction)."""
         monkeypatch.setattr(checkpoint_module, "SWEEP_SLICE_KEYS", 2)
         monkeypatch.setattr(checkpoint_module, "SWEEP_SECONDS", 0.0)
+        monkeypatch.setattr(checkpoint_module, "SWEEP_MIN_SECONDS", 0.0)
         rig.store.codec = replace(COUNTS, expired=lambda value, now: value[-1] < 5)
         for offset, key in enumerate("abc"):
             rig.feed(0, range(offset, offset + 1), key=key, at=0)
@@ -235,6 +236,25 @@ class TestExpiry:
         assert sorted(tombstones, key=repr) == [b"a", b"b", b"c"]
         assert (INPUT, 0, 12) in rig.committed()[-1][1]
         assert not rig.checkpoint.pending
+
+    def test_sweeps_wait_for_the_clock_when_stream_time_runs_ahead(
+        self, rig: Rig, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Hours of stream time in a moment (a backlog, a replay) start no sweep before
+        `SWEEP_MIN_SECONDS` of the clock have passed since the partition was first seen."""
+        rig.store.codec = replace(COUNTS, expired=lambda value, now: value[-1] < 5)
+        for offset, key in enumerate("abc"):
+            rig.feed(0, range(offset, offset + 1), key=key, at=0)
+        rig.settle()
+        for hours in range(1, 4):
+            rig.feed(0, range(9 + hours, 10 + hours), at=hours * EXPIRY_EVERY_MS)
+            rig.settle()
+            assert not rig.store.sweeping(0)
+            assert {"a", "b", "c"} <= set(rig.store.values(0))
+        monkeypatch.setattr(checkpoint_module, "SWEEP_MIN_SECONDS", 0.0)
+        rig.feed(0, range(13, 14), at=4 * EXPIRY_EVERY_MS)
+        rig.settle()
+        assert set(rig.store.values(0)) == {"k"}
 
 
 class TestFailure:
