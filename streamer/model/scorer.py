@@ -18,9 +18,10 @@ from streamer.features import FEATURE_ORDER
 from streamer.model.artifact import LoadedModel, ModelCard, load_model
 from streamer.model.trees import FlatTrees
 
-FLAT_TREES_MAX_ROWS: Final = 64
+FLAT_TREES_MAX_ROWS: Final = 128
 """Matrices of at most this many rows are scored by `FlatTrees` (the same scores, bit for bit):
-below it, walking every tree at once costs less than scikit-learn's call per tree."""
+below it, walking every tree at once costs less than scikit-learn's call per tree (for the
+model `streamer train` builds, 1.4 against 1.8 ms at 128 rows; the two meet near 190)."""
 
 
 class Scorer:

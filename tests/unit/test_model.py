@@ -638,6 +638,34 @@ class TestScorer:
             assert scores.view(np.int64).tolist() == wanted.view(np.int64).tolist()
         assert calls == []
 
+    def test_flat_trees_send_missing_and_infinite_values_where_scikit_learn_does(self) -> None:
+        """Splits of missing against every value (threshold +inf, missing right), missing values
+        elsewhere, and +inf and -inf in the rows: the same bits as predict_proba."""
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(2_000, 3))
+        y = (x[:, 0] > 0.3).astype(int)
+        x[y == 1, 1] = np.nan  # only a missing value says 1: a split of missing against the rest
+        x[rng.random(2_000) < 0.05, 2] = np.nan
+        model = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(x, y)
+        nodes = np.concatenate([tree[0].nodes for tree in model._predictors])
+        missing_alone = (
+            (nodes["is_leaf"] == 0)
+            & (nodes["num_threshold"] == np.inf)
+            & (nodes["missing_go_to_left"] == 0)
+        )
+        assert missing_alone.any(), "the model these rows test has such splits"
+        flat = FlatTrees.of(model)
+        assert flat is not None
+        rows = rng.normal(size=(500, 3))
+        rows[::3, 1] = np.nan
+        rows[::4, 2] = np.nan
+        rows[::5, 0] = np.inf
+        rows[::6, 1] = np.inf
+        rows[::7, 2] = -np.inf
+        for batch in (rows, rows[:1], rows[3:4], rows[:64]):
+            expected = model.predict_proba(batch)[:, 1]
+            assert flat.score(batch).view(np.int64).tolist() == expected.view(np.int64).tolist()
+
     def test_flat_trees_decline_what_they_do_not_cover(self) -> None:
         """Several classes, categorical splits or another estimator: None (predict_proba)."""
         rng = np.random.default_rng(0)
