@@ -203,7 +203,9 @@ class ScoringApp:
         self._turned_at = time.monotonic()
         """When the loop last turned (for `/livez`)."""
         # Every broker lost: the clients retry by themselves; this notices when one answers.
-        self._probe = ReachabilityProbe(consumer, [consumer_errors, producer.errors])
+        self._probe = ReachabilityProbe(
+            consumer, [consumer_errors, *(errors for _, errors in checkpoint.producer_errors)]
+        )
         self._slot = slot
         """Watches the model files; its new scorer goes into the pipeline between batches."""
         self._shadow = shadow
@@ -270,7 +272,16 @@ class ScoringApp:
             )
         else:
             producer = OutputProducer(settings.producer_config())
-            checkpoint = AtLeastOnce(consumer, producer, changelogs, settings.commit_interval)
+            # The changelog has a producer of its own, so verdicts never wait behind its records
+            # (one request in flight per broker); exactly-once needs the one transaction.
+            changelog_producer = (
+                OutputProducer(settings.producer_config(), name="changelog producer")
+                if changelogs
+                else None
+            )
+            checkpoint = AtLeastOnce(
+                consumer, producer, changelogs, settings.commit_interval, changelog_producer
+            )
         slot = ModelSlot(scorer, settings.model_path, threshold=settings.threshold)
         return cls(
             settings,
@@ -338,6 +349,7 @@ class ScoringApp:
 
     def readiness(self) -> list[str]:
         """The readiness checks that fail; empty when the scorer is scoring."""
+        checkpoint_errors = self._checkpoint.producer_errors
         failing = []
         if self._stopping:
             failing.append("stopping")
@@ -346,10 +358,7 @@ class ScoringApp:
         restoring = sorted({tp.partition for tp in self._to_restore} | set(self._restoring))
         if restoring:
             failing.append(f"restoring state of partitions {restoring}")
-        for client, errors in (
-            ("consumer", self._consumer_errors),
-            ("producer", self._producer.errors),
-        ):
+        for client, errors in (("consumer", self._consumer_errors), *checkpoint_errors):
             if errors.fatal is not None:
                 failing.append(f"{client} fatal error: {errors.fatal.str()}")
         return failing

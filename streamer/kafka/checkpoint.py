@@ -4,9 +4,10 @@ The scoring loop never names the delivery guarantee. It polls a batch, runs the 
 the outputs to its checkpoint (`outputs`, then `processed`) and calls `maintain` once per turn;
 the checkpoint decides when and how everything commits, and what an error does:
 
-- `AtLeastOnce`: every `interval` seconds, the state's changes go to its changelog topics, the
-  producer is flushed (verdicts, dead letters and changelog records all acknowledged), and only
-  then are the input offsets committed, each partition's no further than its acknowledged prefix
+- `AtLeastOnce`: every `interval` seconds, the state's changes go to its changelog topics (with
+  a producer of their own, so verdicts never queue behind them), everything produced is
+  acknowledged (verdicts, dead letters and changelog records), and only then are the input
+  offsets committed, each partition's no further than its acknowledged prefix
   (`kafka.delivery`). A changelog record carries the input position its state covers
   (`kafka.changelog.positioned`), so a restore can leave out state newer than the committed
   offsets (`kafka.changelog`): after a crash between the flush and the commit the records are
@@ -182,6 +183,11 @@ class Checkpoint(ABC):
         return None
 
     @property
+    def producer_errors(self) -> list[tuple[str, ClientErrors]]:
+        """Each producer's name (as readiness says it) and its client errors."""
+        return [("producer", self._producer.errors)]
+
+    @property
     def waiting_for_brokers(self) -> bool:
         """Whether the client call under way waits for brokers of which none answers."""
         return False
@@ -297,8 +303,16 @@ class AtLeastOnce(Checkpoint):
         producer: OutputProducer,
         changelogs: Sequence[Changelog],
         interval: float,
+        changelog_producer: OutputProducer | None = None,
     ) -> None:
+        """`changelog_producer`: the changelog's own producer (default: the outputs'). A
+        producer has one request in flight per broker (`Settings.producer_config`), so sharing
+        it, verdicts wait behind each request of the snapshot's changelog records, which can
+        carry far more bytes than the verdicts: at 5,000 events/s, most of a second's state."""
         super().__init__(consumer, producer, changelogs, interval)
+        self._changelog_producer = producer if changelog_producer is None else changelog_producer
+        self._producers = tuple({id(p): p for p in (producer, self._changelog_producer)}.values())
+        """Each producer once: their delivery reports are served and their errors checked."""
         self._snapshot: dict[int, int] | None = None
         """Input partition → the position the snapshot being written covers (None: none)."""
         self._snapshot_prefixes: dict[int, bytes] = {}
@@ -326,7 +340,8 @@ class AtLeastOnce(Checkpoint):
         return
 
     def maintain(self) -> None:
-        self._producer.poll(0)
+        for producer in self._producers:
+            producer.poll(0)
         self._check()
         if self._snapshot is not None:
             self._write_snapshot(SLICE_SECONDS)
@@ -340,7 +355,8 @@ class AtLeastOnce(Checkpoint):
             self._uncommitted = True  # the deletes go to the changelog with the next snapshot
 
     def _check(self) -> None:
-        self._producer.errors.raise_if_fatal()
+        for producer in self._producers:
+            producer.errors.raise_if_fatal()
         failures = self._tracker.failures
         if failures:
             raise DeliveryFailedError(
@@ -375,7 +391,7 @@ class AtLeastOnce(Checkpoint):
         the interval after it began, the whole snapshot is written, however few turns the loop
         takes meanwhile (a snapshot can begin only once the previous one is written).
         """
-        produce = self._producer.produce
+        produce = self._changelog_producer.produce
         prefixes = self._snapshot_prefixes
         delivered = self._delivered
         if seconds is None:
@@ -462,7 +478,10 @@ class AtLeastOnce(Checkpoint):
             self._write_snapshot(None)
         self._begin_snapshot()
         self._write_snapshot(None)
-        remaining = self._producer.flush(FLUSH_SECONDS)
+        deadline = time.monotonic() + FLUSH_SECONDS
+        remaining = sum(
+            producer.flush(max(0.0, deadline - time.monotonic())) for producer in self._producers
+        )
         self._check()
         if remaining:
             log.error(
@@ -503,6 +522,13 @@ class AtLeastOnce(Checkpoint):
             self.commit()
         except Exception as exc:  # already stopping on an error; that one is the one to report
             log.error("commit at stop failed", error=repr(exc))
+
+    @property
+    def producer_errors(self) -> list[tuple[str, ClientErrors]]:
+        errors = [("producer", self._producer.errors)]
+        if self._changelog_producer is not self._producer:
+            errors.append(("changelog producer", self._changelog_producer.errors))
+        return errors
 
     @property
     def pending(self) -> bool:

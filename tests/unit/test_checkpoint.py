@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from streamer.errors import DeliveryFailedError, FencedError
+from streamer.errors import DeliveryFailedError, FencedError, KafkaFatalError
 from streamer.headers import CHANGELOG_POSITION
 from streamer.kafka import checkpoint as checkpoint_module
 from streamer.kafka.changelog import value_position
@@ -48,6 +48,13 @@ class Rig:
         self.events: list[tuple[Any, ...]] = []
         self.consumer = FakeConsumer(events=self.events)
         self.producer = RecordingProducer(events=self.events)
+        # At-least-once: the changelog's own producer, as the scorer runs it (its events in the
+        # same list, to check the order of the steps); exactly-once: the one producer.
+        self.changelog_producer = (
+            self.producer
+            if mode == "exactly-once"
+            else RecordingProducer(events=self.events, errors=ClientErrors("changelog producer"))
+        )
         self.store: KeyedStore[list[int]] = KeyedStore(
             "counts", COUNTS, keep_undo=mode == "exactly-once"
         )
@@ -66,7 +73,13 @@ class Rig:
                 consumer, producer, changelogs, 0.0, cast(Transactions, self.transactions)
             )
         else:
-            self.checkpoint = AtLeastOnce(consumer, producer, changelogs, 0.0)
+            self.checkpoint = AtLeastOnce(
+                consumer,
+                producer,
+                changelogs,
+                0.0,
+                cast(OutputProducer, self.changelog_producer),
+            )
 
     def feed(self, partition: int, offsets: range, key: str = "k", at: int | None = None) -> None:
         """Records `offsets` of `partition`, each adding its offset to `key`'s state, produced;
@@ -100,7 +113,7 @@ class Rig:
         """(partition, key, the store's value, position) of every changelog record produced:
         a value begins with its position, a tombstone has it in a header."""
         records: list[tuple[int | None, bytes | None, bytes | None, str]] = []
-        for p in self.producer.produced:
+        for p in self.changelog_producer.produced:
             if p.topic != CHANGELOG:
                 continue
             if p.value is None:
@@ -111,6 +124,11 @@ class Rig:
             assert CHANGELOG_POSITION not in p.headers, "a value's position is not a header too"
             records.append((p.partition, p.key, value, str(position)))
         return records
+
+    def forget_produced(self) -> None:
+        """Forget what was produced so far (outputs and changelog records)."""
+        self.producer.produced.clear()
+        self.changelog_producer.produced.clear()
 
     def committed(self) -> list[tuple[Any, ...]]:
         return [event for event in self.events if event[0] == "commit"]
@@ -148,7 +166,7 @@ class TestCommit:
         rig.feed(0, range(0, 2))
         rig.feed(0, range(2, 3), key="other")
         rig.settle()
-        rig.producer.produced.clear()
+        rig.forget_produced()
         rig.feed(0, range(3, 4))
         rig.settle()
         assert rig.changelog() == [(0, b"k", b"[0, 1, 3]", "4")]
@@ -209,6 +227,52 @@ class TestCommit:
         assert rig.store.partitions == []
 
 
+class TestChangelogProducer:
+    """At-least-once writes the changelog with a producer of its own: a verdict never waits
+    behind a request of changelog records (one request in flight per broker)."""
+
+    def test_outputs_and_changelog_go_each_to_its_producer(self) -> None:
+        rig = Rig("at-least-once")
+        rig.feed(0, range(0, 2))
+        rig.settle()
+        assert {p.topic for p in rig.producer.produced} == {OUTPUT}
+        assert {p.topic for p in rig.changelog_producer.produced} == {CHANGELOG}
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+
+    def test_offsets_wait_for_the_changelog_producer(self) -> None:
+        """Verdicts acknowledged are not enough: the snapshot's changelog records are too."""
+        rig = Rig("at-least-once")
+        rig.changelog_producer.hold.add(CHANGELOG)
+        rig.feed(0, range(0, 2))
+        rig.settle()
+        rig.settle()
+        assert rig.committed() == []
+        rig.changelog_producer.hold.clear()
+        rig.settle()
+        assert rig.committed() == [("commit", [(INPUT, 0, 2)])]
+
+    def test_commit_flushes_both_producers(self) -> None:
+        """A revoke (or the stop) waits for the changelog producer as for the outputs'."""
+        rig = Rig("at-least-once")
+        rig.feed(0, range(0, 3))
+        assert cast(AtLeastOnce, rig.checkpoint).commit()
+        assert rig.changelog_producer.pending == []
+        assert rig.producer.pending == []
+        assert rig.consumer.committed_offsets == {(INPUT, 0): 3}
+
+    def test_a_fatal_changelog_producer_stops_the_scorer_and_is_named(self) -> None:
+        rig = Rig("at-least-once")
+        assert [name for name, _ in rig.checkpoint.producer_errors] == [
+            "producer",
+            "changelog producer",
+        ]
+        rig.changelog_producer.errors.fatal = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+        rig.feed(0, range(0, 2))
+        with pytest.raises(KafkaFatalError):
+            rig.checkpoint.maintain()
+        assert rig.committed() == []
+
+
 class TestExpiry:
     def test_a_sweep_goes_a_slice_a_turn_and_its_deletes_commit(
         self, rig: Rig, monkeypatch: pytest.MonkeyPatch
@@ -223,7 +287,7 @@ class TestExpiry:
         for offset, key in enumerate("abc"):
             rig.feed(0, range(offset, offset + 1), key=key, at=0)
         rig.settle()
-        rig.producer.produced.clear()
+        rig.forget_produced()
         rig.feed(0, range(10, 11), at=EXPIRY_EVERY_MS)
         rig.checkpoint.maintain()
         assert rig.store.sweeping(0), "four keys, two a turn: the sweep goes on"
@@ -272,7 +336,7 @@ class TestFailure:
     def test_at_least_once_refused_changelog_commits_nothing(self) -> None:
         """A refused changelog record stops the scorer before the offsets it covers commit."""
         rig = Rig("at-least-once")
-        rig.producer.refuse.add(CHANGELOG)
+        rig.changelog_producer.refuse.add(CHANGELOG)
         rig.feed(0, range(0, 2))
         with pytest.raises(DeliveryFailedError):
             rig.settle()
