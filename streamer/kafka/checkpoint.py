@@ -106,8 +106,8 @@ class Checkpoint(ABC):
         self._interval = interval
         self._tracker = DeliveryTracker()
         self._last_commit = time.monotonic()
-        self._swept_at: dict[tuple[str, int], int] = {}
-        self._swept_clock: dict[tuple[str, int], float] = {}
+        self._swept: dict[tuple[str, int], tuple[int, float]] = {}
+        """Per (store, partition), the stream time and the clock when its last sweep began."""
         self._expired: dict[tuple[str, int], int] = {}
         """Per (store, partition) with a sweep under way, the keys it has deleted so far."""
         self.callback_error: BaseException | None = None
@@ -248,13 +248,13 @@ class Checkpoint(ABC):
                 key = (store.name, partition)
                 if not store.sweeping(partition):
                     now = store.stream_time(partition)
+                    stream_then, clock_then = self._swept.setdefault(key, (now, clock))
                     if (
-                        now - self._swept_at.setdefault(key, now) < EXPIRY_EVERY_MS
-                        or clock - self._swept_clock.setdefault(key, clock) < SWEEP_MIN_SECONDS
+                        now - stream_then < EXPIRY_EVERY_MS
+                        or clock - clock_then < SWEEP_MIN_SECONDS
                     ):
                         continue
-                    self._swept_at[key] = now
-                    self._swept_clock[key] = clock
+                    self._swept[key] = (now, clock)
                     store.begin_sweep(partition, EXPIRY_LATENESS_MS)
                     expired[key] = 0
                 while store.sweeping(partition):
@@ -311,8 +311,11 @@ class AtLeastOnce(Checkpoint):
         carry far more bytes than the verdicts: at 5,000 events/s, most of a second's state."""
         super().__init__(consumer, producer, changelogs, interval)
         self._changelog_producer = producer if changelog_producer is None else changelog_producer
-        self._producers = tuple({id(p): p for p in (producer, self._changelog_producer)}.values())
-        """Each producer once: their delivery reports are served and their errors checked."""
+        self._producers = {"producer": producer}
+        """Each producer once, by the name readiness gives it: their delivery reports are served
+        and their errors checked."""
+        if changelog_producer is not None:
+            self._producers["changelog producer"] = changelog_producer
         self._snapshot: dict[int, int] | None = None
         """Input partition → the position the snapshot being written covers (None: none)."""
         self._snapshot_prefixes: dict[int, bytes] = {}
@@ -340,7 +343,7 @@ class AtLeastOnce(Checkpoint):
         return
 
     def maintain(self) -> None:
-        for producer in self._producers:
+        for producer in self._producers.values():
             producer.poll(0)
         self._check()
         if self._snapshot is not None:
@@ -355,7 +358,7 @@ class AtLeastOnce(Checkpoint):
             self._uncommitted = True  # the deletes go to the changelog with the next snapshot
 
     def _check(self) -> None:
-        for producer in self._producers:
+        for producer in self._producers.values():
             producer.errors.raise_if_fatal()
         failures = self._tracker.failures
         if failures:
@@ -480,7 +483,8 @@ class AtLeastOnce(Checkpoint):
         self._write_snapshot(None)
         deadline = time.monotonic() + FLUSH_SECONDS
         remaining = sum(
-            producer.flush(max(0.0, deadline - time.monotonic())) for producer in self._producers
+            producer.flush(max(0.0, deadline - time.monotonic()))
+            for producer in self._producers.values()
         )
         self._check()
         if remaining:
@@ -525,10 +529,7 @@ class AtLeastOnce(Checkpoint):
 
     @property
     def producer_errors(self) -> list[tuple[str, ClientErrors]]:
-        errors = [("producer", self._producer.errors)]
-        if self._changelog_producer is not self._producer:
-            errors.append(("changelog producer", self._changelog_producer.errors))
-        return errors
+        return [(name, producer.errors) for name, producer in self._producers.items()]
 
     @property
     def pending(self) -> bool:

@@ -8,6 +8,7 @@ pass or fail per target and renders. Nothing here touches Kafka; matplotlib is i
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -221,9 +222,7 @@ class PairedRatio:
     @property
     def median(self) -> float:
         """The median of the rounds' ratios (the lower of the middle two); NaN with none."""
-        if not self.ratios:
-            return math.nan
-        return sorted(self.ratios)[(len(self.ratios) - 1) // 2]
+        return statistics.median_low(self.ratios) if self.ratios else math.nan
 
     @property
     def measured(self) -> str:
