@@ -18,7 +18,7 @@ from typing import Final
 
 import pytest
 
-from streamer.kafka.transactions import CALL_TIMEOUT_SECONDS
+from streamer.kafka.transactions import CALL_TIMEOUT_SECONDS, RETRY_FOR_SECONDS
 from streamer.kafka.watchdog import STALL_GRACE_SECONDS
 from tests.conftest import Topics
 from tests.fault.support import (
@@ -224,9 +224,9 @@ def test_zombie_scorer_is_fenced(
     """SIGSTOP a working scorer past max.poll.interval.ms, let another take over, then SIGCONT it.
 
     Exactly-once: the zombie stops with a fenced error and nothing it wrote is visible; or, if
-    it froze inside a transactional call and stayed frozen past the watchdog's limit, the
-    watchdog ends it on waking (exit 1 all the same). At-least-once: it rejoins; repeats are
-    allowed, losses are not.
+    it froze inside a transactional call for longer than that call may take, it ends on waking
+    (`zombie_ending`), exit 1 all the same. At-least-once: it rejoins; repeats are allowed,
+    losses are not.
     """
     count = scaled(24_000, 60_000)
     rate = 1_500
@@ -294,20 +294,28 @@ def test_zombie_scorer_is_fenced(
 
 
 def zombie_ending(log: str, frozen_s: float) -> str:
-    """How an exactly-once zombie ended: "fenced", or "stalled" by its watchdog.
+    """How an exactly-once zombie ended: "fenced", "stalled" by its watchdog, or "gave up".
 
-    The watchdog counts the time a process is frozen: a zombie frozen inside a transactional
-    call for longer than the call's timeout and the watchdog's grace is ended by the watchdog
-    on waking, before it can learn it was fenced.
+    A zombie frozen inside a transactional call wakes with the call's clock run out. If the
+    watchdog's thread runs first, it ends the process (the call overran its timeout and grace);
+    if the call returns first, it returns a retriable timeout, and the retry budget of that call
+    has run out during the freeze too, so the scorer gives up with a fatal error. Either way it
+    never learns it was fenced, and exits 1 before it can commit anything.
     """
     if "moved on without this scorer" in log:
         assert "FencedError" in log, log[-3000:]
         return "fenced"
-    assert "StalledError" in log, log[-3000:]
-    assert frozen_s > CALL_TIMEOUT_SECONDS + STALL_GRACE_SECONDS, (
-        f"the watchdog ended the zombie though it was frozen only {frozen_s:.0f} s"
+    if "StalledError" in log:
+        assert frozen_s > CALL_TIMEOUT_SECONDS + STALL_GRACE_SECONDS, (
+            f"the watchdog ended the zombie though it was frozen only {frozen_s:.0f} s"
+        )
+        return "stalled"
+    assert "KafkaFatalError" in log, log[-3000:]
+    assert "Timed out" in log, log[-3000:]
+    assert frozen_s > RETRY_FOR_SECONDS, (
+        f"the zombie gave up retrying though it was frozen only {frozen_s:.0f} s"
     )
-    return "stalled"
+    return "gave up"
 
 
 @pytest.mark.parametrize("mode", MODES)
